@@ -1,0 +1,426 @@
+"""Collectors: one class per metric-family group.
+
+Each collector reads NVML for one GPU at a time (`read_gpu`, run on that GPU's own worker
+thread so a wedged call blocks only that GPU) or once per node (`read_node`), and its
+`collect()` yields fresh metric families built from the last cycle's samples. Nothing is kept
+between cycles except what a counter needs, so series of vanished MIG instances simply stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import pynvml
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from exporter import catalogue as m
+from exporter.exposition import Sample
+from exporter.nvml import Gpu, MigInstance, Nvml, SystemInfo
+from exporter.units import kib_to_bytes, mhz_to_hertz, milli_to_base, percent_to_ratio
+
+
+def build_families(samples: Iterable[Sample]) -> list[Metric]:
+    """Group samples into families, in catalogue order of first appearance."""
+    families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+    for spec, labels, value in samples:
+        family = families.get(spec.name)
+        if family is None:
+            family = families[spec.name] = spec.family()
+        family.add_metric(labels, value)
+    return list(families.values())
+
+
+class Collector:
+    """A group of metric families, read per GPU and/or per node each cycle."""
+
+    name = ""
+    #: The catalogue group whose metrics this collector publishes.
+    group = ""
+
+    def __init__(self) -> None:
+        self.samples: list[Sample] = []
+
+    def read_gpu(self, nvml: Nvml, gpu: Gpu) -> list[Sample]:
+        """Samples for one GPU; runs on the GPU's worker thread."""
+        return []
+
+    def read_node(self, nvml: Nvml, gpus: Sequence[Gpu]) -> list[Sample]:
+        """Samples that come from the node as a whole; runs once per cycle."""
+        return []
+
+    def on_enumerate(self, nvml: Nvml, gpus: Sequence[Gpu], system: SystemInfo) -> None:
+        """Called after NVML (re-)enumerated the GPUs, before the next cycle."""
+
+    def close(self, nvml: Nvml) -> None:
+        """Release NVML resources before NVML shuts down."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield from build_families(self.samples)
+
+
+# Clock-event (throttle) reason bits, named as the alert rules and dashboards use them.
+CLOCK_EVENT_REASONS: tuple[tuple[str, int], ...] = (
+    ("gpu_idle", pynvml.nvmlClocksEventReasonGpuIdle),
+    ("applications_clocks_setting", pynvml.nvmlClocksEventReasonApplicationsClocksSetting),
+    ("sw_power_cap", pynvml.nvmlClocksEventReasonSwPowerCap),
+    ("hw_slowdown", pynvml.nvmlClocksEventReasonHwSlowdown),
+    ("sync_boost", pynvml.nvmlClocksEventReasonSyncBoost),
+    ("sw_thermal_slowdown", pynvml.nvmlClocksEventReasonSwThermalSlowdown),
+    ("hw_thermal_slowdown", pynvml.nvmlClocksEventReasonHwThermalSlowdown),
+    ("hw_power_brake_slowdown", pynvml.nvmlClocksEventReasonHwPowerBrakeSlowdown),
+    ("display_clock_setting", pynvml.nvmlClocksEventReasonDisplayClockSetting),
+)
+
+
+class GpmSampler:
+    """GPU Performance Monitoring: activity between this cycle's sample and the last one.
+
+    GPM metrics are differences of two samples, so the first cycle for a GPU or GPU instance
+    has no value (omitted, not zero). Samples of instances that vanish are freed.
+    """
+
+    METRICS = (pynvml.NVML_GPM_METRIC_SM_UTIL, pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL)
+
+    def __init__(self) -> None:
+        self._previous: dict[tuple[str, int | None], Any] = {}
+
+    def activity(
+        self, nvml: Nvml, gpu: Gpu, gpu_instance: int | None
+    ) -> tuple[float | None, float | None]:
+        """(SM activity, graphics activity) as 0-1 ratios, or None where there is none."""
+        key = (gpu.uuid, gpu_instance)
+        try:
+            sample = pynvml.nvmlGpmSampleAlloc()
+        except pynvml.NVMLError:
+            return None, None
+        if gpu_instance is None:
+            taken = nvml.read(gpu, "nvmlGpmSampleGet", sample)
+        else:
+            taken = nvml.read(gpu, "nvmlGpmMigSampleGet", gpu_instance, sample)
+        if taken is None:
+            pynvml.nvmlGpmSampleFree(sample)
+            return None, None
+        previous = self._previous.get(key)
+        self._previous[key] = sample
+        if previous is None:
+            return None, None
+        try:
+            return self._metrics(nvml, gpu, previous, sample)
+        finally:
+            pynvml.nvmlGpmSampleFree(previous)
+
+    def _metrics(
+        self, nvml: Nvml, gpu: Gpu, first: Any, second: Any
+    ) -> tuple[float | None, float | None]:
+        request = pynvml.c_nvmlGpmMetricsGet_t()
+        request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+        request.numMetrics = len(self.METRICS)
+        request.sample1, request.sample2 = first, second
+        for slot, metric_id in enumerate(self.METRICS):
+            request.metrics[slot].metricId = metric_id
+        try:
+            pynvml.nvmlGpmMetricsGet(request)
+        except pynvml.NVMLError as error:
+            from exporter.nvml import classify
+
+            nvml.count_error("nvmlGpmMetricsGet", classify(error))
+            return None, None
+        values = []
+        for slot in range(len(self.METRICS)):
+            metric = request.metrics[slot]
+            ok = metric.nvmlReturn == pynvml.NVML_SUCCESS
+            values.append(percent_to_ratio(metric.value) if ok else None)
+        return values[0], values[1]
+
+    def forget_except(self, gpu: Gpu, keep: set[int | None]) -> None:
+        """Free samples of this GPU's instances that no longer exist."""
+        for key in [k for k in self._previous if k[0] == gpu.uuid and k[1] not in keep]:
+            pynvml.nvmlGpmSampleFree(self._previous.pop(key))
+
+
+class DeviceCollector(Collector):
+    """Identity, utilization, memory, thermals, power, clocks and PCIe of each GPU."""
+
+    name = group = "device"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.system = SystemInfo("", "")
+        self.gpm = GpmSampler()
+
+    def on_enumerate(self, nvml: Nvml, gpus: Sequence[Gpu], system: SystemInfo) -> None:
+        self.system = system
+
+    def read_gpu(self, nvml: Nvml, gpu: Gpu) -> list[Sample]:
+        labels = gpu.labels
+        read = nvml.read
+        out: list[Sample] = []
+        mig = nvml.mig_enabled(gpu)
+        mig_mode = "enabled" if mig else ("disabled" if mig is False else "unsupported")
+        info_labels = (*labels, self.system.driver_version, self.system.cuda_driver_version)
+        out.append((m.GPU_INFO, (*info_labels, mig_mode), 1.0))
+
+        utilization = read(gpu, "nvmlDeviceGetUtilizationRates")
+        if utilization is not None:
+            out.append((m.GPU_UTILIZATION, labels, percent_to_ratio(utilization.gpu)))
+            out.append((m.GPU_MEMORY_UTILIZATION, labels, percent_to_ratio(utilization.memory)))
+        memory = nvml.memory_info(gpu)
+        if memory is not None:
+            out.append((m.GPU_MEMORY_USED, labels, float(memory.used)))
+            out.append((m.GPU_MEMORY_FREE, labels, float(memory.free)))
+            out.append((m.GPU_MEMORY_TOTAL, labels, float(memory.total)))
+        temperature = read(gpu, "nvmlDeviceGetTemperature", pynvml.NVML_TEMPERATURE_GPU)
+        if temperature is not None:
+            out.append((m.GPU_TEMPERATURE, labels, float(temperature)))
+        power = read(gpu, "nvmlDeviceGetPowerUsage")
+        if power is not None:
+            out.append((m.GPU_POWER, labels, milli_to_base(power)))
+        limit = read(gpu, "nvmlDeviceGetEnforcedPowerLimit")
+        if limit is not None:
+            out.append((m.GPU_POWER_LIMIT, labels, milli_to_base(limit)))
+        energy = read(gpu, "nvmlDeviceGetTotalEnergyConsumption")
+        if energy is not None:
+            out.append((m.GPU_ENERGY, labels, milli_to_base(energy)))
+        for clock_name, clock_id in (
+            ("sm", pynvml.NVML_CLOCK_SM),
+            ("memory", pynvml.NVML_CLOCK_MEM),
+        ):
+            clock = read(gpu, "nvmlDeviceGetClockInfo", clock_id)
+            if clock is not None:
+                out.append((m.GPU_CLOCK, (*labels, clock_name), mhz_to_hertz(clock)))
+        fan = read(gpu, "nvmlDeviceGetFanSpeed")
+        if fan is not None:
+            out.append((m.GPU_FAN_SPEED, labels, percent_to_ratio(fan)))
+        for direction, counter in (
+            ("tx", pynvml.NVML_PCIE_UTIL_TX_BYTES),
+            ("rx", pynvml.NVML_PCIE_UTIL_RX_BYTES),
+        ):
+            kib_per_second = read(gpu, "nvmlDeviceGetPcieThroughput", counter)
+            if kib_per_second is not None:
+                value = kib_to_bytes(kib_per_second)
+                out.append((m.GPU_PCIE_THROUGHPUT, (*labels, direction), value))
+        pstate = read(gpu, "nvmlDeviceGetPerformanceState")
+        if pstate is not None and pstate != pynvml.NVML_PSTATE_UNKNOWN:
+            out.append((m.GPU_PERFORMANCE_STATE, labels, float(pstate)))
+        reasons = nvml.read_first(
+            gpu,
+            "clock_events",
+            (
+                ("nvmlDeviceGetCurrentClocksEventReasons", ()),
+                ("nvmlDeviceGetCurrentClocksThrottleReasons", ()),
+            ),
+        )
+        if reasons is not None:
+            for reason, bit in CLOCK_EVENT_REASONS:
+                active = 1.0 if reasons & bit else 0.0
+                out.append((m.GPU_CLOCK_EVENT_REASON, (*labels, reason), active))
+        encoder = read(gpu, "nvmlDeviceGetEncoderUtilization")
+        if encoder is not None:
+            out.append((m.GPU_ENCODER_UTILIZATION, labels, percent_to_ratio(encoder[0])))
+        decoder = read(gpu, "nvmlDeviceGetDecoderUtilization")
+        if decoder is not None:
+            out.append((m.GPU_DECODER_UTILIZATION, labels, percent_to_ratio(decoder[0])))
+        if gpu.gpm_supported and not mig:
+            sm_activity, graphics_activity = self.gpm.activity(nvml, gpu, None)
+            if sm_activity is not None:
+                out.append((m.GPU_SM_ACTIVITY, labels, sm_activity))
+            if graphics_activity is not None:
+                out.append((m.GPU_GRAPHICS_ACTIVITY, labels, graphics_activity))
+        return out
+
+
+class EccCollector(Collector):
+    """ECC error counters, retired pages (pre-Ampere) and remapped rows (Ampere and newer)."""
+
+    name = group = "ecc"
+
+    def read_gpu(self, nvml: Nvml, gpu: Gpu) -> list[Sample]:
+        labels = gpu.labels
+        out: list[Sample] = []
+        for error_type, code in (
+            ("corrected", pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED),
+            ("uncorrected", pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED),
+        ):
+            # Volatile counts reset with the driver, which Prometheus reads as a counter reset.
+            count = nvml.read(gpu, "nvmlDeviceGetTotalEccErrors", code, pynvml.NVML_VOLATILE_ECC)
+            if count is not None:
+                out.append((m.GPU_ECC_ERRORS, (*labels, error_type), float(count)))
+        for cause, code in (
+            ("single_bit", pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS),
+            ("double_bit", pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR),
+        ):
+            pages = nvml.read(gpu, "nvmlDeviceGetRetiredPages", code)
+            if pages is not None:
+                out.append((m.GPU_RETIRED_PAGES, (*labels, cause), float(len(pages))))
+        rows = nvml.read(gpu, "nvmlDeviceGetRemappedRows")
+        if rows is not None:
+            correctable, uncorrectable, pending, failed = rows
+            out.append((m.GPU_REMAPPED_ROWS, (*labels, "correctable"), float(correctable)))
+            out.append((m.GPU_REMAPPED_ROWS, (*labels, "uncorrectable"), float(uncorrectable)))
+            out.append((m.GPU_REMAPPED_ROWS_PENDING, labels, 1.0 if pending else 0.0))
+            out.append((m.GPU_REMAPPED_ROWS_FAILED, labels, 1.0 if failed else 0.0))
+        return out
+
+
+NVLINK_ERROR_FIELDS = (
+    ("crc_flit", pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL),
+    ("crc_data", pynvml.NVML_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL),
+    ("replay", pynvml.NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL),
+    ("recovery", pynvml.NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL),
+)
+
+
+class NvLinkCollector(Collector):
+    """NVLink link state, data throughput and error totals, in one field-values call per GPU."""
+
+    name = group = "nvlink"
+
+    def read_gpu(self, nvml: Nvml, gpu: Gpu) -> list[Sample]:
+        if not gpu.nvlink_links:
+            return []
+        labels = gpu.labels
+        active = sum(
+            1
+            for link in gpu.nvlink_links
+            if nvml.read(gpu, "nvmlDeviceGetNvLinkState", link) == pynvml.NVML_FEATURE_ENABLED
+        )
+        out: list[Sample] = [(m.GPU_NVLINK_LINKS_ACTIVE, labels, float(active))]
+        fields: list[tuple[int, int]] = []
+        for link in gpu.nvlink_links:
+            fields.append((pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, link))
+            fields.append((pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, link))
+        fields.extend((field_id, 0) for _, field_id in NVLINK_ERROR_FIELDS)
+        values = nvml.read(gpu, "nvmlDeviceGetFieldValues", tuple(fields))
+        if values is None:
+            return out
+        tx = rx = 0.0
+        tx_seen = rx_seen = False
+        for slot, (field_id, _) in enumerate(fields[: 2 * len(gpu.nvlink_links)]):
+            entry = values[slot]
+            if entry.nvmlReturn != pynvml.NVML_SUCCESS:
+                continue
+            if field_id == pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX:
+                tx, tx_seen = tx + entry.value.ullVal, True
+            else:
+                rx, rx_seen = rx + entry.value.ullVal, True
+        if tx_seen:
+            out.append((m.GPU_NVLINK_TRANSMITTED, labels, kib_to_bytes(tx)))
+        if rx_seen:
+            out.append((m.GPU_NVLINK_RECEIVED, labels, kib_to_bytes(rx)))
+        offset = 2 * len(gpu.nvlink_links)
+        for slot, (error_type, _) in enumerate(NVLINK_ERROR_FIELDS):
+            entry = values[offset + slot]
+            if entry.nvmlReturn == pynvml.NVML_SUCCESS:
+                count = float(entry.value.ullVal)
+                out.append((m.GPU_NVLINK_ERRORS, (*labels, error_type), count))
+        return out
+
+
+class MigCollector(Collector):
+    """MIG instances (identity, memory, GPM activity) and MIG capacity per profile."""
+
+    name = group = "mig"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gpm = GpmSampler()
+
+    def read_gpu(self, nvml: Nvml, gpu: Gpu) -> list[Sample]:
+        if not gpu.mig_profiles or not nvml.mig_enabled(gpu):
+            self.gpm.forget_except(gpu, set())
+            return []
+        instances = nvml.mig_instances(gpu)
+        out: list[Sample] = []
+        activity_by_gi: dict[int, tuple[float | None, float | None]] = {}
+        for instance in instances:
+            out.extend(self._instance_samples(nvml, gpu, instance, activity_by_gi))
+        self.gpm.forget_except(gpu, set(activity_by_gi))
+        out.extend(self._capacity_samples(nvml, gpu, instances))
+        return out
+
+    def _instance_samples(
+        self,
+        nvml: Nvml,
+        gpu: Gpu,
+        instance: MigInstance,
+        activity_by_gi: dict[int, tuple[float | None, float | None]],
+    ) -> list[Sample]:
+        labels = instance.labels
+        out: list[Sample] = [(m.GPU_MIG_INFO, labels, 1.0)]
+        memory = nvml.memory_info(gpu, handle=instance.handle)
+        if memory is not None:
+            out.append((m.GPU_MIG_MEMORY_USED, labels, float(memory.used)))
+        if instance.memory_total_bytes is not None:
+            out.append((m.GPU_MIG_MEMORY_TOTAL, labels, float(instance.memory_total_bytes)))
+        if gpu.gpm_supported:
+            # GPM samples a whole GPU instance; compute instances inside it share its figure.
+            gi = instance.gpu_instance
+            if gi not in activity_by_gi:
+                activity_by_gi[gi] = self.gpm.activity(nvml, gpu, gi)
+            sm_activity, graphics_activity = activity_by_gi[gi]
+            if sm_activity is not None:
+                out.append((m.GPU_MIG_SM_ACTIVITY, labels, sm_activity))
+            if graphics_activity is not None:
+                out.append((m.GPU_MIG_GRAPHICS_ACTIVITY, labels, graphics_activity))
+        return out
+
+    def _capacity_samples(
+        self, nvml: Nvml, gpu: Gpu, instances: Sequence[MigInstance]
+    ) -> list[Sample]:
+        existing: dict[str, set[int]] = {}
+        for instance in instances:
+            existing.setdefault(instance.gpu_instance_profile, set()).add(instance.gpu_instance)
+        out: list[Sample] = []
+        for profile in gpu.mig_profiles:
+            labels = (*gpu.labels, profile.name)
+            out.append((m.GPU_MIG_INSTANCE_CAPACITY, labels, float(profile.capacity)))
+            out.append((m.GPU_MIG_INSTANCES, labels, float(len(existing.get(profile.name, ())))))
+            remaining = nvml.read(
+                gpu, "nvmlDeviceGetGpuInstanceRemainingCapacity", profile.profile_id
+            )
+            if remaining is not None:
+                out.append((m.GPU_MIG_INSTANCES_AVAILABLE, labels, float(remaining)))
+        return out
+
+
+class XidCollector(Collector):
+    """XID error events from NVML's event API: a counter per code and when it was last seen."""
+
+    name = group = "xid"
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__()
+        self._clock = clock
+        self._event_set: Any = None
+        self._counts: dict[tuple[tuple[str, ...], str], int] = {}
+        self._last_seen: dict[tuple[tuple[str, ...], str], float] = {}
+
+    def on_enumerate(self, nvml: Nvml, gpus: Sequence[Gpu], system: SystemInfo) -> None:
+        self.close(nvml)
+        self._event_set = nvml.open_xid_events(list(gpus))
+
+    def close(self, nvml: Nvml) -> None:
+        if self._event_set is not None:
+            nvml.close_events(self._event_set)
+            self._event_set = None
+
+    def read_node(self, nvml: Nvml, gpus: Sequence[Gpu]) -> list[Sample]:
+        if self._event_set is not None:
+            by_address = {gpu.address: gpu for gpu in gpus}
+            for address, code in nvml.pending_xids(self._event_set):
+                gpu = by_address.get(address)
+                if gpu is None:
+                    continue
+                key = (gpu.labels, str(code))
+                self._counts[key] = self._counts.get(key, 0) + 1
+                self._last_seen[key] = self._clock()
+        out: list[Sample] = []
+        for (labels, xid), count in self._counts.items():
+            out.append((m.GPU_XID_ERRORS, (*labels, xid), float(count)))
+            out.append((m.GPU_XID_LAST_SEEN, (*labels, xid), self._last_seen[(labels, xid)]))
+        return out
+
+
+#: Collectors a user can switch on or off by name (`--collectors`).
+OPTIONAL_COLLECTORS = ("device", "ecc", "nvlink", "mig", "xid")

@@ -1,0 +1,464 @@
+"""The one module that talks to NVML.
+
+Everything the exporter learns from the driver goes through `Nvml.read`, which classifies
+each failure (not supported, no permission, GPU lost, function missing in this driver, driver
+gone, unknown), counts it, and remembers calls a GPU never supports so they are not retried
+every cycle. What never changes (name, UUID, PCI bus id, memory total, MIG profiles) is read
+once per enumeration. Versioned functions are probed once and the working variant remembered.
+
+The same code serves a real driver and the simulated one in `exporter.simulator`, which sits
+below pynvml at the C-function boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pynvml
+
+LABEL_VALUE_MAX = 128
+
+
+class ErrorKind(enum.StrEnum):
+    NOT_SUPPORTED = "not_supported"
+    NO_PERMISSION = "no_permission"
+    GPU_LOST = "gpu_lost"
+    FUNCTION_NOT_FOUND = "function_not_found"
+    NOT_FOUND = "not_found"
+    DRIVER = "driver"
+    TIMEOUT = "timeout"
+    UNKNOWN = "unknown"
+
+
+_KIND_BY_CODE = {
+    pynvml.NVML_ERROR_NOT_SUPPORTED: ErrorKind.NOT_SUPPORTED,
+    pynvml.NVML_ERROR_NO_PERMISSION: ErrorKind.NO_PERMISSION,
+    pynvml.NVML_ERROR_GPU_IS_LOST: ErrorKind.GPU_LOST,
+    pynvml.NVML_ERROR_RESET_REQUIRED: ErrorKind.GPU_LOST,
+    pynvml.NVML_ERROR_FUNCTION_NOT_FOUND: ErrorKind.FUNCTION_NOT_FOUND,
+    pynvml.NVML_ERROR_NOT_FOUND: ErrorKind.NOT_FOUND,
+    pynvml.NVML_ERROR_UNINITIALIZED: ErrorKind.DRIVER,
+    pynvml.NVML_ERROR_DRIVER_NOT_LOADED: ErrorKind.DRIVER,
+    pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH: ErrorKind.DRIVER,
+    pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: ErrorKind.DRIVER,
+    pynvml.NVML_ERROR_TIMEOUT: ErrorKind.TIMEOUT,
+}
+
+#: Kinds that will not change until the GPU is enumerated again: stop asking.
+_STABLE_KINDS = frozenset({ErrorKind.NOT_SUPPORTED, ErrorKind.FUNCTION_NOT_FOUND})
+
+_STARTUP_HINTS = {
+    pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: (
+        "libnvidia-ml.so.1 was not found: check that the NVIDIA driver is installed on the "
+        "node and that the container runtime mounts it (NVIDIA container toolkit, "
+        "runtimeClassName: nvidia), or run with --simulate FLEET.yaml"
+    ),
+    pynvml.NVML_ERROR_DRIVER_NOT_LOADED: (
+        "the NVIDIA kernel driver is not loaded: check `lsmod | grep nvidia` and dmesg on the node"
+    ),
+    pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH: (
+        "libnvidia-ml and the loaded kernel driver have different versions: reboot the node or "
+        "reload the driver after an upgrade"
+    ),
+    pynvml.NVML_ERROR_NO_PERMISSION: (
+        "no permission to open the GPU device files: check /dev/nvidia* permissions and the "
+        "container's device access"
+    ),
+}
+
+
+def classify(error: pynvml.NVMLError) -> ErrorKind:
+    """Sort an NVML error into the kinds the exporter treats differently."""
+    return _KIND_BY_CODE.get(error.value, ErrorKind.UNKNOWN)
+
+
+class NvmlStartupError(RuntimeError):
+    """NVML cannot be opened; the message is one line that says what to check."""
+
+
+class GpuLostError(RuntimeError):
+    """The GPU fell off the bus or needs a reset; skip the rest of its reads this cycle."""
+
+
+class NvmlDownError(RuntimeError):
+    """NVML itself stopped answering (driver unloaded, version mismatch): re-initialise."""
+
+
+def bounded_label(value: object) -> str:
+    """A label value safe to publish: text, printable, at most LABEL_VALUE_MAX characters."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    text = "".join(ch if ch.isprintable() else "?" for ch in str(value))
+    return text[:LABEL_VALUE_MAX]
+
+
+def handle_address(handle: Any) -> int:
+    """The C pointer value of an NVML handle, to recognise it in event data."""
+    return ctypes.cast(handle, ctypes.c_void_p).value or 0
+
+
+@dataclass
+class MigInstance:
+    """A MIG device (one compute instance in one GPU instance) as NVML enumerates it."""
+
+    handle: Any
+    parent: Gpu
+    uuid: str
+    gpu_instance: int
+    compute_instance: int
+    #: As nvidia-smi shows it, compute-instance share included ("1c.3g.40gb").
+    profile: str
+    #: The GPU-instance profile alone ("3g.40gb"), what MIG capacity is counted in.
+    gpu_instance_profile: str
+    memory_total_bytes: int | None
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MigProfile:
+    """A GPU-instance profile the GPU offers: its driver id, short name and capacity."""
+
+    profile_id: int
+    name: str
+    capacity: int
+    slices: int
+
+
+@dataclass
+class Gpu:
+    """A physical GPU and what never changes about it while it stays enumerated."""
+
+    index: int
+    handle: Any
+    uuid: str
+    model: str
+    pci_bus_id: str
+    labels: tuple[str, ...]
+    gpm_supported: bool
+    nvlink_links: tuple[int, ...]
+    mig_profiles: tuple[MigProfile, ...]
+    unsupported: set[tuple[str, tuple[Any, ...]]] = field(default_factory=set)  # _support_key
+    #: MIG identities by MIG UUID, so a stable layout costs one call per instance per cycle.
+    mig_cache: dict[str, MigInstance] = field(default_factory=dict)
+
+    @property
+    def address(self) -> int:
+        return handle_address(self.handle)
+
+
+@dataclass(frozen=True)
+class SystemInfo:
+    driver_version: str
+    cuda_driver_version: str
+
+
+class Nvml:
+    """An open NVML session: enumeration, guarded reads, and the error tally."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.initialised = False
+        self._errors: Counter[tuple[str, str]] = Counter()
+        self._errors_lock = threading.Lock()
+        self._variant: dict[str, str] = {}
+        #: The NVML function each thread is inside, to name the call when one hangs.
+        self.in_flight: dict[int, str] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def init(self) -> None:
+        """Open NVML, or raise NvmlStartupError with a one-line hint."""
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as error:
+            hint = _STARTUP_HINTS.get(error.value, "check the NVIDIA driver on this node")
+            raise NvmlStartupError(f"cannot initialise NVML ({error}): {hint}") from error
+        self.initialised = True
+
+    def shutdown(self) -> None:
+        """Close NVML so a driver upgrade or GPU reset is not blocked by this process."""
+        if not self.initialised:
+            return
+        self.initialised = False
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+
+    def system_info(self) -> SystemInfo:
+        driver = self._system_call("nvmlSystemGetDriverVersion")
+        cuda = self._system_call("nvmlSystemGetCudaDriverVersion_v2")
+        if cuda is None:
+            cuda = self._system_call("nvmlSystemGetCudaDriverVersion")
+        cuda_text = f"{cuda // 1000}.{cuda % 1000 // 10}" if isinstance(cuda, int) else ""
+        return SystemInfo(bounded_label(driver or ""), cuda_text)
+
+    # -- error accounting --------------------------------------------------------------------
+    def count_error(self, function: str, kind: ErrorKind) -> None:
+        with self._errors_lock:
+            self._errors[(function, kind.value)] += 1
+
+    def error_counts(self) -> dict[tuple[str, str], int]:
+        with self._errors_lock:
+            return dict(self._errors)
+
+    def _system_call(self, function: str, *args: Any) -> Any:
+        try:
+            return getattr(pynvml, function)(*args)
+        except pynvml.NVMLError as error:
+            kind = classify(error)
+            self.count_error(function, kind)
+            if kind is ErrorKind.DRIVER:
+                raise NvmlDownError(str(error)) from error
+            return None
+
+    # -- guarded reads -----------------------------------------------------------------------
+    def read(self, gpu: Gpu, function: str, *args: Any, handle: Any = None) -> Any:
+        """Call `pynvml.<function>(handle, *args)`; None when NVML cannot give the value.
+
+        Raises GpuLostError or NvmlDownError for failures that end this GPU's (or every
+        GPU's) cycle; everything else is counted and answered with None, never a fake value.
+        """
+        key = _support_key(function, args)
+        if key in gpu.unsupported:
+            return None
+        self.in_flight[threading.get_ident()] = function
+        try:
+            return getattr(pynvml, function)(gpu.handle if handle is None else handle, *args)
+        except pynvml.NVMLError as error:
+            kind = classify(error)
+            self.count_error(function, kind)
+            if kind in _STABLE_KINDS:
+                gpu.unsupported.add(key)
+            elif kind is ErrorKind.GPU_LOST:
+                raise GpuLostError(f"GPU {gpu.index} ({gpu.uuid}) is lost: {error}") from error
+            elif kind is ErrorKind.DRIVER:
+                raise NvmlDownError(str(error)) from error
+            return None
+
+    def read_first(
+        self,
+        gpu: Gpu,
+        purpose: str,
+        variants: tuple[tuple[str, tuple[Any, ...]], ...],
+        handle: Any = None,
+    ) -> Any:
+        """Read through the first variant this driver has (e.g. a `_v2` before its `_v1`).
+
+        The working variant is remembered per purpose, so probing happens once per process.
+        """
+        chosen = self._variant.get(purpose)
+        for function, args in variants:
+            if chosen is not None and function != chosen:
+                continue
+            value = self.read(gpu, function, *args, handle=handle)
+            if value is not None or _support_key(function, args) not in gpu.unsupported:
+                self._variant.setdefault(purpose, function)
+                return value
+        return None
+
+    def memory_info(self, gpu: Gpu, handle: Any = None) -> Any:
+        """Memory info, v2 (which separates driver-reserved memory) where the driver has it."""
+        return self.read_first(
+            gpu,
+            "memory",
+            (("nvmlDeviceGetMemoryInfo", (pynvml.nvmlMemory_v2,)), ("nvmlDeviceGetMemoryInfo", ())),
+            handle=handle,
+        )
+
+    # -- enumeration -------------------------------------------------------------------------
+    def enumerate_gpus(self) -> list[Gpu]:
+        """Every GPU NVML sees, with its never-changing identity read once."""
+        count = self._system_call("nvmlDeviceGetCount") or 0
+        gpus = []
+        for index in range(count):
+            handle = self._system_call("nvmlDeviceGetHandleByIndex", index)
+            if handle is None:
+                continue
+            gpus.append(self._describe_gpu(index, handle))
+        return gpus
+
+    def _describe_gpu(self, index: int, handle: Any) -> Gpu:
+        def probe(function: str, *args: Any) -> Any:
+            """Ask once, silently: boards differ, and absence here is not an error."""
+            try:
+                return getattr(pynvml, function)(handle, *args)
+            except pynvml.NVMLError:
+                return None
+
+        uuid = bounded_label(probe("nvmlDeviceGetUUID") or f"unknown-{index}")
+        model = bounded_label(probe("nvmlDeviceGetName") or "unknown")
+        pci = probe("nvmlDeviceGetPciInfo")
+        pci_bus_id = bounded_label(pci.busId if pci is not None else "")
+        gpm = probe("nvmlGpmQueryDeviceSupport")
+        links: tuple[int, ...] = ()
+        if probe("nvmlDeviceGetNvLinkState", 0) is not None:
+            links = tuple(
+                link
+                for link in range(pynvml.NVML_NVLINK_MAX_LINKS)
+                if probe("nvmlDeviceGetNvLinkState", link) is not None
+            )
+        gpu = Gpu(
+            index=index,
+            handle=handle,
+            uuid=uuid,
+            model=model,
+            pci_bus_id=pci_bus_id,
+            labels=(self.node, str(index), uuid, model, pci_bus_id),
+            gpm_supported=bool(gpm is not None and gpm.isSupportedDevice),
+            nvlink_links=links,
+            mig_profiles=(),
+        )
+        if probe("nvmlDeviceGetMigMode") is not None:
+            gpu.mig_profiles = self._mig_profiles(gpu)
+        return gpu
+
+    def _mig_profiles(self, gpu: Gpu) -> tuple[MigProfile, ...]:
+        """The GPU-instance profiles this MIG-capable GPU offers."""
+        profiles = []
+        for profile_index in range(pynvml.NVML_GPU_INSTANCE_PROFILE_COUNT):
+            info = self._profile_info(gpu, profile_index)
+            if info is None or info.instanceCount == 0:
+                continue
+            name = _profile_name(info)
+            profiles.append(MigProfile(info.id, name, info.instanceCount, info.sliceCount))
+        return tuple(profiles)
+
+    def _profile_info(self, gpu: Gpu, profile_index: int) -> Any:
+        try:
+            return pynvml.nvmlDeviceGetGpuInstanceProfileInfo(gpu.handle, profile_index, 2)
+        except pynvml.NVMLError as error:
+            kind = classify(error)
+            if error.value == pynvml.NVML_ERROR_INVALID_ARGUMENT or kind in _STABLE_KINDS:
+                return None  # this profile does not exist on this GPU: not an error
+            self.count_error("nvmlDeviceGetGpuInstanceProfileInfoV", kind)
+            return None
+
+    def mig_enabled(self, gpu: Gpu) -> bool | None:
+        mode = self.read(gpu, "nvmlDeviceGetMigMode")
+        return None if mode is None else mode[0] == pynvml.NVML_DEVICE_MIG_ENABLE
+
+    def mig_instances(self, gpu: Gpu) -> list[MigInstance]:
+        """The MIG devices on the GPU now; re-read every cycle so layout changes show at once."""
+        slots = self.read(gpu, "nvmlDeviceGetMaxMigDeviceCount") or 0
+        found: list[MigInstance] = []
+        for slot in range(slots):
+            handle = self.read(gpu, "nvmlDeviceGetMigDeviceHandleByIndex", slot)
+            if handle is None:
+                continue  # NOT_FOUND: an empty slot
+            uuid = self.read(gpu, "nvmlDeviceGetUUID", handle=handle)
+            if uuid is None:
+                continue
+            uuid = bounded_label(uuid)
+            cached = gpu.mig_cache.get(uuid)
+            if cached is not None:
+                cached.handle = handle
+                found.append(cached)
+                continue
+            instance = self._describe_mig(gpu, handle, uuid)
+            if instance is not None:
+                gpu.mig_cache[uuid] = instance
+                found.append(instance)
+        present = {instance.uuid for instance in found}
+        for gone in set(gpu.mig_cache) - present:
+            del gpu.mig_cache[gone]
+        return found
+
+    def _describe_mig(self, gpu: Gpu, handle: Any, uuid: str) -> MigInstance | None:
+        gi = self.read(gpu, "nvmlDeviceGetGpuInstanceId", handle=handle)
+        ci = self.read(gpu, "nvmlDeviceGetComputeInstanceId", handle=handle)
+        if gi is None or ci is None:
+            return None
+        profile, gi_profile = self._mig_profile_names(gpu, handle, gi)
+        memory = self.memory_info(gpu, handle=handle)
+        total = int(memory.total) if memory is not None else None
+        labels = (*gpu.labels, str(gi), str(ci), profile, uuid)
+        return MigInstance(handle, gpu, uuid, gi, ci, profile, gi_profile, total, labels)
+
+    def _mig_profile_names(self, gpu: Gpu, handle: Any, gpu_instance: int) -> tuple[str, str]:
+        """(profile as nvidia-smi names it, e.g. "1c.3g.40gb"; its GPU-instance profile)."""
+        attributes = self.read(gpu, "nvmlDeviceGetAttributes_v2", handle=handle)
+        gi_handle = self.read(gpu, "nvmlDeviceGetGpuInstanceById", gpu_instance)
+        gi_info = (
+            self.read(gpu, "nvmlGpuInstanceGetInfo", handle=gi_handle)
+            if gi_handle is not None
+            else None
+        )
+        name = ""
+        if gi_info is not None:
+            name = next((p.name for p in gpu.mig_profiles if p.profile_id == gi_info.profileId), "")
+        if not name and attributes is not None:
+            gigabytes = round(attributes.memorySizeMB / 1024)
+            name = f"{attributes.gpuInstanceSliceCount}g.{gigabytes}gb"
+        gi_profile = bounded_label(name or "unknown")
+        if (
+            name
+            and attributes is not None
+            and 0 < attributes.computeInstanceSliceCount < attributes.gpuInstanceSliceCount
+        ):
+            return bounded_label(f"{attributes.computeInstanceSliceCount}c.{name}"), gi_profile
+        return gi_profile, gi_profile
+
+    # -- events ------------------------------------------------------------------------------
+    def open_xid_events(self, gpus: list[Gpu]) -> Any:
+        """An event set that receives XID events of every GPU that supports them, or None."""
+        try:
+            event_set = pynvml.nvmlEventSetCreate()
+        except pynvml.NVMLError as error:
+            self.count_error("nvmlEventSetCreate", classify(error))
+            return None
+        for gpu in gpus:
+            supported = self.read(gpu, "nvmlDeviceGetSupportedEventTypes")
+            if supported is None or not supported & pynvml.nvmlEventTypeXidCriticalError:
+                continue
+            try:
+                pynvml.nvmlDeviceRegisterEvents(
+                    gpu.handle, pynvml.nvmlEventTypeXidCriticalError, event_set
+                )
+            except pynvml.NVMLError as error:
+                self.count_error("nvmlDeviceRegisterEvents", classify(error))
+        return event_set
+
+    def pending_xids(self, event_set: Any, limit: int = 256) -> Iterator[tuple[int, int]]:
+        """Drain waiting XID events without blocking: (device handle address, XID code)."""
+        for _ in range(limit):
+            try:
+                data = pynvml.nvmlEventSetWait_v2(event_set, 0)
+            except pynvml.NVMLError as error:
+                kind = classify(error)
+                if kind is not ErrorKind.TIMEOUT:
+                    self.count_error("nvmlEventSetWait_v2", kind)
+                    if kind is ErrorKind.DRIVER:
+                        raise NvmlDownError(str(error)) from error
+                return
+            if data.eventType & pynvml.nvmlEventTypeXidCriticalError:
+                yield handle_address(data.device), int(data.eventData)
+
+    def close_events(self, event_set: Any) -> None:
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlEventSetFree(event_set)
+
+
+def _support_key(function: str, args: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
+    """What "this GPU does not support that" is remembered under: the function and its
+    selector arguments (sensor, clock, link ids); buffers and sample handles do not count."""
+    return function, tuple(a if isinstance(a, int | str | tuple) else None for a in args)
+
+
+def _profile_name(info: Any) -> str:
+    raw = info.name.decode() if isinstance(info.name, bytes) else str(info.name)
+    return bounded_label(raw.removeprefix("MIG ").strip() or f"{info.sliceCount}g")
+
+
+def nvml_bindings_version() -> str:
+    """The installed nvidia-ml-py version, for build info."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nvidia-ml-py")
+    except PackageNotFoundError:
+        return "unknown"
