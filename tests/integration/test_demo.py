@@ -1,0 +1,99 @@
+"""`make demo` end to end: the demo script with ``--once`` on free ports.
+
+It starts one simulated exporter per node of the example fleet and a real Prometheus, waits
+until every target is up and data is queryable, prints the summary and stops everything.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from exporter.simulator import load_fleet
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO = REPO_ROOT / "scripts" / "demo.py"
+FLEET = REPO_ROOT / "examples" / "fleet.yaml"
+
+
+def _node_names() -> list[str]:
+    return list(load_fleet(FLEET).nodes)
+
+
+def _run_demo(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(DEMO), *args],
+        cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.usefixtures("promtool")  # fails with the install hint when Prometheus is missing
+def test_demo_once_starts_fleet_and_prometheus_then_stops(
+    tmp_path: Path, free_port_block: Callable[[int], int]
+) -> None:
+    nodes = _node_names()
+    base = free_port_block(len(nodes) + 1)
+    prometheus_port = base + len(nodes)
+
+    result = _run_demo(
+        "--once",
+        "--prometheus-port",
+        str(prometheus_port),
+        "--exporter-base-port",
+        str(base),
+        "--scrape-interval",
+        "1s",
+        "--workdir",
+        str(tmp_path / "demo"),
+    )
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert f"http://127.0.0.1:{prometheus_port}" in result.stdout
+    for i, node in enumerate(nodes):
+        assert node in result.stdout
+        assert f"http://127.0.0.1:{base + i}/metrics" in result.stdout
+    assert "demo stopped" in result.stdout
+    config = yaml.safe_load((tmp_path / "demo" / "prometheus" / "prometheus.yml").read_text())
+    targets = config["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == [f"127.0.0.1:{base + i}" for i in range(len(nodes))]
+    # Everything it started has stopped: the ports are free again.
+    for port in [prometheus_port, *range(base, base + len(nodes))]:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+
+
+def test_demo_names_the_port_that_is_taken(
+    tmp_path: Path, free_port_block: Callable[[int], int]
+) -> None:
+    base = free_port_block(len(_node_names()) + 1)
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", base))
+        squatter.listen()
+
+        result = _run_demo(
+            "--once",
+            "--prometheus-port",
+            str(base + len(_node_names())),
+            "--exporter-base-port",
+            str(base),
+            "--workdir",
+            str(tmp_path / "demo"),
+            timeout=60,
+        )
+
+    assert result.returncode != 0
+    assert f"port {base} (exporter for node {_node_names()[0]})" in result.stderr
+    assert "already in use" in result.stderr
