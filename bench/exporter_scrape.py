@@ -120,6 +120,7 @@ def scrape_latency(fleet_name: str, scrapes: int) -> dict[str, Any]:
     try:
         wait_for(ours_port, ours)
         wait_for(base_port, base)
+        time.sleep(2.5)  # both sides complete two 1 s cycles, so GPM activity is published
         timings: dict[str, list[float]] = {"ours": [], "baseline": []}
         bodies: dict[str, bytes] = {}
         for _ in range(scrapes):

@@ -9,7 +9,7 @@ appear here (a test checks it).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -38,6 +38,10 @@ class MetricSpec:
     help: str
     labels: tuple[str, ...]
     group: str
+
+    def with_labels(self, extra: tuple[str, ...]) -> MetricSpec:
+        """This metric with operator-chosen labels appended (allowlisted pod labels)."""
+        return replace(self, labels=(*self.labels, *extra)) if extra else self
 
     def family(self) -> GaugeMetricFamily | CounterMetricFamily:
         """A fresh, empty prometheus_client family for this metric."""
@@ -387,6 +391,100 @@ GPU_XID_LAST_SEEN = _metric(
     "xid",
 )
 
+# --- process: one series per GPU process, with the pod that runs it ---------------------------
+#: Labels of per-process series: the device (MIG labels empty on whole GPUs), the process, and
+#: the pod that runs it when known; allowlisted pod labels follow as label_<name>.
+PROCESS_LABELS: tuple[str, ...] = (*MIG_LABELS, "pid", "command", "namespace", "pod", "container")
+#: Labels of allocation series: the device and the pod's container that holds it.
+ALLOCATION_LABELS: tuple[str, ...] = (*MIG_LABELS, "namespace", "pod", "container", "resource")
+
+GPU_PROCESS_INFO = _metric(
+    "gpu_process_info",
+    "gauge",
+    "",
+    "Always 1; one series per process using a GPU or MIG instance, with its process name "
+    "(never its arguments), type (compute, graphics, mps) and the pod that runs it.",
+    (*PROCESS_LABELS, "type"),
+    "process",
+)
+GPU_PROCESS_MEMORY_USED = _metric(
+    "gpu_process_memory_used_bytes",
+    "gauge",
+    "bytes",
+    "Device memory the process has allocated, in bytes.",
+    PROCESS_LABELS,
+    "process",
+)
+GPU_PROCESS_SM_UTILIZATION = _metric(
+    "gpu_process_sm_utilization_ratio",
+    "gauge",
+    "ratio",
+    "Fraction (0-1) of the last sample period in which the process ran kernels on the GPU; "
+    "0 when it had no sample; absent on MIG, where NVML has no per-process utilization.",
+    PROCESS_LABELS,
+    "process",
+)
+GPU_PROCESS_MEMORY_UTILIZATION = _metric(
+    "gpu_process_memory_utilization_ratio",
+    "gauge",
+    "ratio",
+    "Fraction (0-1) of the last sample period in which the process read or wrote memory.",
+    PROCESS_LABELS,
+    "process",
+)
+GPU_PROCESS_ENCODER_UTILIZATION = _metric(
+    "gpu_process_encoder_utilization_ratio",
+    "gauge",
+    "ratio",
+    "Fraction (0-1) of the last sample period in which the process used the video encoders.",
+    PROCESS_LABELS,
+    "process",
+)
+GPU_PROCESS_DECODER_UTILIZATION = _metric(
+    "gpu_process_decoder_utilization_ratio",
+    "gauge",
+    "ratio",
+    "Fraction (0-1) of the last sample period in which the process used the video decoders.",
+    PROCESS_LABELS,
+    "process",
+)
+GPU_PROCESSES = _metric(
+    "gpu_processes",
+    "gauge",
+    "processes",
+    "Processes using the GPU or its MIG instances now (a GPU session count).",
+    DEVICE_LABELS,
+    "process",
+)
+GPU_NODE_PROCESSES = _metric(
+    "gpu_node_processes",
+    "gauge",
+    "processes",
+    "Processes using any GPU of the node now.",
+    ("node",),
+    "process",
+)
+
+# --- allocation: which pod holds which device (kubelet pod-resources) ------------------------
+GPU_ALLOCATION_INFO = _metric(
+    "gpu_allocation_info",
+    "gauge",
+    "",
+    "Always 1; the GPU or MIG instance is assigned to this Running pod's container (several "
+    "series for one device when it is time-sliced or shared).",
+    ALLOCATION_LABELS,
+    "allocation",
+)
+GPU_ALLOCATABLE_DEVICES = _metric(
+    "gpu_allocatable_devices",
+    "gauge",
+    "devices",
+    "Devices of this extended resource the kubelet can assign to pods (GPUs, MIG instances or "
+    "time-sliced shares).",
+    ("node", "resource"),
+    "allocation",
+)
+
 # --- exporter: health of the GPUs and of the exporter itself (always on) --------------------
 GPU_UP = _metric(
     "gpu_up",
@@ -437,6 +535,39 @@ EXPORTER_NVML_ERRORS = _metric(
     ("node", "function", "kind"),
     "exporter",
 )
+EXPORTER_PROCESS_SERIES_DROPPED = _metric(
+    "gpu_exporter_process_series_dropped_total",
+    "counter",
+    "series",
+    "Per-process series not published because a GPU had more processes than the per-GPU cap.",
+    ("node",),
+    "exporter",
+)
+EXPORTER_ATTRIBUTION_UP = _metric(
+    "gpu_exporter_attribution_up",
+    "gauge",
+    "",
+    "1 when the attribution source (kubelet, apiserver) answered in the last cycle, else 0; "
+    "absent when the source is not configured.",
+    ("node", "source"),
+    "exporter",
+)
+EXPORTER_ATTRIBUTION_ERRORS = _metric(
+    "gpu_exporter_attribution_errors_total",
+    "counter",
+    "errors",
+    "Failed attempts to read an attribution source (kubelet, apiserver).",
+    ("node", "source"),
+    "exporter",
+)
+EXPORTER_SAMPLES_DROPPED = _metric(
+    "gpu_exporter_samples_dropped_total",
+    "counter",
+    "samples",
+    "Samples left out of /metrics because they duplicated another series or were not finite.",
+    ("node",),
+    "exporter",
+)
 EXPORTER_COLLECTION_DURATION = _metric(
     "gpu_exporter_collection_duration_seconds",
     "gauge",
@@ -465,7 +596,9 @@ def markdown() -> str:
         "Every per-GPU series carries the labels `" + "`, `".join(DEVICE_LABELS) + "`; every "
         "per-MIG-instance series adds `"
         + "`, `".join(MIG_LABELS[len(DEVICE_LABELS) :])
-        + "`. A value NVML cannot give is omitted, never reported as 0.",
+        + "`. Per-process and allocation series carry the MIG labels too (empty, so absent, "
+        "on whole GPUs) and one `label_<name>` per pod label the operator allowlists "
+        "(`--pod-labels`). A value NVML cannot give is omitted, never reported as 0.",
         "",
     ]
     groups: dict[str, list[MetricSpec]] = {}

@@ -27,6 +27,7 @@ from prometheus_client.core import Metric
 
 from exporter import __version__
 from exporter import catalogue as m
+from exporter.attribution import Attribution
 from exporter.collectors import Collector, build_families
 from exporter.exposition import Sample, render
 from exporter.nvml import (
@@ -95,8 +96,10 @@ class Exporter:
         interval: float,
         nvml_timeout: float,
         clock: Callable[[], float] = time.time,
+        attribution: Attribution | None = None,
     ) -> None:
         self.nvml = nvml
+        self.attribution = attribution
         self.node = nvml.node
         self.collectors = list(collectors)
         self.interval = interval
@@ -109,6 +112,7 @@ class Exporter:
         self._durations: dict[str, float] = {}
         self._success: dict[str, bool] = {}
         self._cycle_seconds = 0.0
+        self.samples_dropped = 0
         self.last_cycle_finished: float | None = None
         self._exposition = b""
         self._exposition_gzip: bytes | None = None
@@ -124,8 +128,9 @@ class Exporter:
 
     # -- NVML lifecycle ----------------------------------------------------------------------
     def start_nvml(self) -> None:
-        """Open NVML and enumerate; NvmlStartupError propagates (the caller exits non-zero)."""
-        self.nvml.init()
+        """Open NVML (unless the caller did) and enumerate; NvmlStartupError propagates."""
+        if not self.nvml.initialised:
+            self.nvml.init()
         self._enumerate()
 
     def _enumerate(self) -> None:
@@ -293,7 +298,8 @@ class Exporter:
         self._cycle_seconds = time.perf_counter() - started
         self.last_cycle_finished = self.clock()
         everything = [sample for collector in self.collectors for sample in collector.samples]
-        body = render(everything + self._health.samples())
+        body, dropped = render(everything + self._health.samples())
+        self.samples_dropped += dropped
         with self._lock:
             self._exposition, self._exposition_gzip = body, None
 
@@ -348,6 +354,14 @@ class _ExporterHealth:
             samples.append((m.EXPORTER_COLLECTOR_SUCCESS, (*node, name), 1.0 if ok else 0.0))
         for (function, kind), count in sorted(exporter.nvml.error_counts().items()):
             samples.append((m.EXPORTER_NVML_ERRORS, (*node, function, kind), float(count)))
+        samples.append((m.EXPORTER_SAMPLES_DROPPED, node, float(exporter.samples_dropped)))
+        attribution = exporter.attribution
+        if attribution is not None:
+            for source, up in sorted(attribution.up.items()):
+                samples.append((m.EXPORTER_ATTRIBUTION_UP, (*node, source), 1.0 if up else 0.0))
+            for source, count in sorted(attribution.errors.items()):
+                errors = (m.EXPORTER_ATTRIBUTION_ERRORS, (*node, source), float(count))
+                samples.append(errors)
         samples.append((m.EXPORTER_COLLECTION_DURATION, node, exporter._cycle_seconds))
         if exporter.last_cycle_finished is not None:
             samples.append((m.EXPORTER_LAST_COLLECTION, node, exporter.last_cycle_finished))

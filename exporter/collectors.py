@@ -8,15 +8,18 @@ between cycles except what a counter needs, so series of vanished MIG instances 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pynvml
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from exporter import catalogue as m
+from exporter.attribution import Attribution
 from exporter.exposition import Sample
-from exporter.nvml import Gpu, MigInstance, Nvml, SystemInfo
+from exporter.nvml import ErrorKind, Gpu, MigInstance, Nvml, SystemInfo
+from exporter.podresources import DeviceRef
 from exporter.units import kib_to_bytes, mhz_to_hertz, milli_to_base, percent_to_ratio
 
 
@@ -422,5 +425,180 @@ class XidCollector(Collector):
         return out
 
 
+_RUNNING_PROCESS_QUERIES = (
+    ("compute", "nvmlDeviceGetComputeRunningProcesses"),
+    ("graphics", "nvmlDeviceGetGraphicsRunningProcesses"),
+    ("mps", "nvmlDeviceGetMPSComputeRunningProcesses"),
+)
+_NOT_FOUND = frozenset({ErrorKind.NOT_FOUND})
+#: NVML writes this into usedGpuMemory when it cannot tell (e.g. under WDDM).
+_MEMORY_NOT_AVAILABLE = (1 << 64) - 1
+
+
+class ProcessCollector(Collector):
+    """Per-process GPU memory and utilization, each process with the pod that runs it.
+
+    Processes are listed on the parent GPU, which reports each one's GPU instance on MIG.
+    Series of exited processes vanish at the next cycle; a per-GPU cap bounds cardinality.
+    """
+
+    name = group = "process"
+
+    def __init__(self, attribution: Attribution, max_series_per_gpu: int = 64) -> None:
+        super().__init__()
+        self.attribution = attribution
+        self.max_series_per_gpu = max_series_per_gpu
+        self.dropped = 0
+        extra = attribution.label_names
+        self.info = m.GPU_PROCESS_INFO.with_labels(extra)
+        self.memory = m.GPU_PROCESS_MEMORY_USED.with_labels(extra)
+        self.utilization = tuple(
+            spec.with_labels(extra)
+            for spec in (
+                m.GPU_PROCESS_SM_UTILIZATION,
+                m.GPU_PROCESS_MEMORY_UTILIZATION,
+                m.GPU_PROCESS_ENCODER_UTILIZATION,
+                m.GPU_PROCESS_DECODER_UTILIZATION,
+            )
+        )
+        self._last_sample_us: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._pids: set[int] = set()
+
+    def read_gpu(self, nvml: Nvml, gpu: Gpu) -> list[Sample]:
+        processes = self._running(nvml, gpu)
+        utilization = self._utilization(nvml, gpu)
+        out: list[Sample] = [(m.GPU_PROCESSES, gpu.labels, float(len(processes)))]
+        kept = sorted(processes.values(), key=lambda p: p[1] or 0, reverse=True)
+        if len(kept) > self.max_series_per_gpu:
+            with self._lock:
+                self.dropped += len(kept) - self.max_series_per_gpu
+            kept = kept[: self.max_series_per_gpu]
+        instances = {i.gpu_instance: i for i in gpu.mig_cache.values()}
+        for pid, memory, gpu_instance, kinds in kept:
+            name, owner = self.attribution.process(pid)
+            instance = instances.get(gpu_instance) if gpu_instance is not None else None
+            device = instance.labels if instance is not None else (*gpu.labels, "", "", "", "")
+            who = (
+                (owner.namespace, owner.pod, owner.container, *owner.pod_labels)
+                if owner is not None
+                else ("", "", "", *("",) * len(self.attribution.pod_labels))
+            )
+            command = name or "unknown"
+            labels = (*device, str(pid), command, *who[:3])
+            pod_labels = who[3:]
+            out.append((self.info, (*labels, "+".join(kinds), *pod_labels), 1.0))
+            if memory is not None:
+                out.append((self.memory, (*labels, *pod_labels), float(memory)))
+            if utilization is not None:
+                # A process with no sample in the window did not run: 0, as the issue says.
+                rates = utilization.get(pid, (0, 0, 0, 0))
+                for spec, percent in zip(self.utilization, rates, strict=True):
+                    out.append((spec, (*labels, *pod_labels), percent_to_ratio(percent)))
+        with self._lock:
+            self._pids.update(processes)
+        return out
+
+    def _running(
+        self, nvml: Nvml, gpu: Gpu
+    ) -> dict[int, tuple[int, int | None, int | None, list[str]]]:
+        """pid → (pid, memory bytes or None, GPU instance id or None, process types)."""
+        found: dict[int, tuple[int, int | None, int | None, list[str]]] = {}
+        for kind, function in _RUNNING_PROCESS_QUERIES:
+            for info in nvml.read(gpu, function) or ():
+                pid = int(info.pid)
+                memory = info.usedGpuMemory
+                if memory is None or memory == _MEMORY_NOT_AVAILABLE:
+                    memory = None
+                gi = getattr(info, "gpuInstanceId", None)
+                gpu_instance = None if gi is None or gi == 0xFFFFFFFF else int(gi)
+                if pid in found:
+                    found[pid][3].append(kind)
+                else:
+                    found[pid] = (pid, memory, gpu_instance, [kind])
+        return found
+
+    def _utilization(self, nvml: Nvml, gpu: Gpu) -> dict[int, tuple[int, int, int, int]] | None:
+        """pid → (sm, memory, encoder, decoder) percent from samples since the last cycle.
+
+        None where NVML has no per-process utilization (MIG, old boards); an empty dict when
+        it answered NOT_FOUND, which means no process ran in the window.
+        """
+        since = self._last_sample_us.get(gpu.uuid, 0)
+        samples = nvml.read(
+            gpu, "nvmlDeviceGetProcessUtilization", since, expected=_NOT_FOUND, on_expected=()
+        )
+        if samples is None:
+            return None
+        latest: dict[int, tuple[int, tuple[int, int, int, int]]] = {}
+        for sample in samples:
+            stamp = int(sample.timeStamp)
+            if stamp >= latest.get(sample.pid, (-1, ()))[0]:
+                rates = (sample.smUtil, sample.memUtil, sample.encUtil, sample.decUtil)
+                latest[int(sample.pid)] = (stamp, rates)
+        if latest:
+            self._last_sample_us[gpu.uuid] = max(stamp for stamp, _ in latest.values())
+        return {pid: rates for pid, (_, rates) in latest.items()}
+
+    def read_node(self, nvml: Nvml, gpus: Sequence[Gpu]) -> list[Sample]:
+        with self._lock:
+            pids, self._pids = self._pids, set()
+            dropped = self.dropped
+        self.attribution.end_cycle(sorted(pids))
+        node = (nvml.node,)
+        return [
+            (m.GPU_NODE_PROCESSES, node, float(len(pids))),
+            (m.EXPORTER_PROCESS_SERIES_DROPPED, node, float(dropped)),
+        ]
+
+
+class AllocationCollector(Collector):
+    """Which Running pod's container holds each GPU, MIG instance or time-sliced share."""
+
+    name = group = "allocation"
+
+    def __init__(self, attribution: Attribution) -> None:
+        super().__init__()
+        self.attribution = attribution
+        self.info = m.GPU_ALLOCATION_INFO.with_labels(attribution.label_names)
+
+    def read_node(self, nvml: Nvml, gpus: Sequence[Gpu]) -> list[Sample]:
+        self.attribution.refresh()
+        by_uuid = {gpu.uuid: gpu for gpu in gpus}
+        by_mig_uuid = {i.uuid: i for gpu in gpus for i in gpu.mig_cache.values()}
+        out: list[Sample] = []
+        for assignment, owner in self.attribution.running_assignments():
+            device = _device_labels(assignment.device, by_uuid, by_mig_uuid)
+            if device is None:
+                continue  # a device this exporter does not see (another driver, stale id)
+            who = (owner.namespace, owner.pod, owner.container, assignment.resource)
+            out.append((self.info, (*device, *who, *owner.pod_labels), 1.0))
+        node = nvml.node
+        for resource, count in sorted(self.attribution.allocatable.items()):
+            out.append((m.GPU_ALLOCATABLE_DEVICES, (node, resource), float(count)))
+        return out
+
+
+def _device_labels(
+    device: DeviceRef, by_uuid: Mapping[str, Gpu], by_mig_uuid: Mapping[str, MigInstance]
+) -> tuple[str, ...] | None:
+    """MIG labels of the device an assignment names (MIG labels empty for whole GPUs)."""
+    if device.mig_uuid is not None:
+        instance = by_mig_uuid.get(device.mig_uuid)
+        return instance.labels if instance is not None else None
+    gpu = by_uuid.get(device.gpu_uuid or "")
+    if gpu is None:
+        return None
+    if device.gpu_instance is not None:  # legacy MIG-GPU-<uuid>/<gi>/<ci>
+        for instance in gpu.mig_cache.values():
+            if (instance.gpu_instance, instance.compute_instance) == (
+                device.gpu_instance,
+                device.compute_instance or 0,
+            ):
+                return instance.labels
+        return None
+    return (*gpu.labels, "", "", "", "")
+
+
 #: Collectors a user can switch on or off by name (`--collectors`).
-OPTIONAL_COLLECTORS = ("device", "ecc", "nvlink", "mig", "xid")
+OPTIONAL_COLLECTORS = ("device", "ecc", "nvlink", "mig", "xid", "process", "allocation")

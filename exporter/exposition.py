@@ -7,6 +7,7 @@ by construction, so only label values are escaped, and only when they need it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from functools import cache
 
@@ -40,11 +41,22 @@ def _header(spec: MetricSpec) -> str:
     return f"# HELP {spec.name} {_escape_help(spec.help)}\n# TYPE {spec.name} {spec.type}\n"
 
 
-def render(samples: Iterable[Sample]) -> bytes:
-    """The exposition of these samples, one family per metric, in order of first appearance."""
+def render(samples: Iterable[Sample]) -> tuple[bytes, int]:
+    """The exposition of these samples, one family per metric, in order of first appearance.
+
+    Duplicate series (same name and labels) and non-finite values are dropped rather than
+    failing the scrape; returns the body and how many samples were dropped.
+    """
     lines_by_metric: dict[str, list[str]] = {}
     specs: dict[str, MetricSpec] = {}
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    dropped = 0
     for spec, label_values, value in samples:
+        key = (spec.name, label_values)
+        if key in seen or not math.isfinite(value):
+            dropped += 1
+            continue
+        seen.add(key)
         lines = lines_by_metric.get(spec.name)
         if lines is None:
             lines = lines_by_metric[spec.name] = []
@@ -61,4 +73,4 @@ def render(samples: Iterable[Sample]) -> bytes:
     for name, lines in lines_by_metric.items():
         out.append(_header(specs[name]))
         out.extend(lines)
-    return "".join(out).encode()
+    return "".join(out).encode(), dropped

@@ -12,18 +12,25 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import Any
 
+from exporter.attribution import MAX_POD_LABELS, Attribution
 from exporter.collection import Exporter
 from exporter.collectors import (
     OPTIONAL_COLLECTORS,
+    AllocationCollector,
     Collector,
     DeviceCollector,
     EccCollector,
     MigCollector,
     NvLinkCollector,
+    ProcessCollector,
     XidCollector,
 )
 from exporter.nvml import Nvml, NvmlStartupError
+from exporter.podresources import DEFAULT_RESOURCES, DEFAULT_SOCKET, PodResourcesClient
+from exporter.pods import PodInformer, api_client_for_url, api_client_from_environment
+from exporter.procfs import ProcfsReader
 from exporter.server import MetricsServer
 
 log = logging.getLogger("gpu-exporter")
@@ -117,6 +124,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="freeze the simulated clock at this instant (reproducible values for tests)",
     )
     parser.add_argument(
+        "--kubelet-socket",
+        default=env("GPU_EXPORTER_KUBELET_SOCKET", DEFAULT_SOCKET),
+        help="kubelet pod-resources socket, for which pod holds which device "
+        f"(env GPU_EXPORTER_KUBELET_SOCKET; default {DEFAULT_SOCKET})",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        default=env("KUBECONFIG"),
+        help="kubeconfig for the pod informer when not running in a cluster (env KUBECONFIG)",
+    )
+    parser.add_argument(
+        "--procfs",
+        default=env("GPU_EXPORTER_PROCFS", "/proc"),
+        help="the host's /proc, to map GPU processes to pods; needs hostPID "
+        "(env GPU_EXPORTER_PROCFS; default /proc)",
+    )
+    parser.add_argument(
+        "--pod-labels",
+        type=parse_pod_labels,
+        default=env("GPU_EXPORTER_POD_LABELS", ""),
+        help="comma-separated pod labels to publish as label_<name> on process and allocation "
+        f"series, at most {MAX_POD_LABELS} (env GPU_EXPORTER_POD_LABELS; e.g. team,app)",
+    )
+    parser.add_argument(
+        "--gpu-resources",
+        type=parse_list,
+        default=env("GPU_EXPORTER_GPU_RESOURCES", ""),
+        help="extra extended-resource names or globs that are GPUs, beside "
+        f"{', '.join(DEFAULT_RESOURCES)} (env GPU_EXPORTER_GPU_RESOURCES)",
+    )
+    parser.add_argument(
+        "--process-series-limit",
+        type=int,
+        default=int(env("GPU_EXPORTER_PROCESS_SERIES_LIMIT", "64")),
+        help="most processes published per GPU; the rest are counted as dropped "
+        "(env GPU_EXPORTER_PROCESS_SERIES_LIMIT; default 64)",
+    )
+    parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         default=env("GPU_EXPORTER_LOG_LEVEL", "info"),
@@ -125,22 +170,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_collectors(names: Sequence[str], clock: Callable[[], float]) -> list[Collector]:
+def parse_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def parse_pod_labels(text: str) -> tuple[str, ...]:
+    labels = parse_list(text)
+    if len(labels) > MAX_POD_LABELS:
+        raise argparse.ArgumentTypeError(
+            f"{len(labels)} pod labels given; at most {MAX_POD_LABELS} may become metric labels"
+        )
+    return labels
+
+
+def build_collectors(
+    names: Sequence[str],
+    clock: Callable[[], float],
+    attribution: Attribution | None = None,
+    process_series_limit: int = 64,
+) -> list[Collector]:
+    """The collectors named, in a fixed order (MIG before processes, which use its instances)."""
+    attribution = attribution or Attribution(pod_resources=None, informer=None, procfs=None)
     factories: dict[str, Callable[[], Collector]] = {
         "device": DeviceCollector,
         "ecc": EccCollector,
         "nvlink": NvLinkCollector,
         "mig": MigCollector,
         "xid": lambda: XidCollector(clock),
+        "process": lambda: ProcessCollector(attribution, process_series_limit),
+        "allocation": lambda: AllocationCollector(attribution),
     }
     return [factories[name]() for name in OPTIONAL_COLLECTORS if name in names]
 
 
+def build_attribution(
+    args: argparse.Namespace, node: str
+) -> tuple[Attribution, PodInformer | None]:
+    """Kubelet, API server and /proc sources for the collectors that need them."""
+    wants_devices = "allocation" in args.collectors
+    wants_processes = "process" in args.collectors
+    if not wants_devices and not wants_processes:
+        return Attribution(pod_resources=None, informer=None, procfs=None), None
+    api_client = (
+        api_client_for_url(args.apiserver_url)
+        if getattr(args, "apiserver_url", None)
+        else api_client_from_environment(args.kubeconfig)
+    )
+    informer = PodInformer(api_client, node) if api_client is not None else None
+    on_kubernetes = informer is not None or os.path.exists(args.kubelet_socket)
+    pod_resources = None
+    if wants_devices and on_kubernetes:
+        resources = (*DEFAULT_RESOURCES, *args.gpu_resources)
+        pod_resources = PodResourcesClient(args.kubelet_socket, resources=resources)
+    procfs = ProcfsReader(args.procfs) if wants_processes else None
+    attribution = Attribution(
+        pod_resources=pod_resources, informer=informer, procfs=procfs, pod_labels=args.pod_labels
+    )
+    return attribution, informer
+
+
 def _install_simulator(
     parser: argparse.ArgumentParser, args: argparse.Namespace
-) -> Callable[[], float]:
-    """Put the simulated driver below pynvml for this node; returns the simulated clock."""
+) -> tuple[Callable[[], float], Any]:
+    """Put the simulated driver below pynvml for this node and start its kubelet, API server
+    and /proc; returns the simulated clock and those services (stopped at exit)."""
     from exporter.simulator import FleetError, ManualClock, WallClock, install, load_fleet
+    from exporter.simulator.node import SimulatedNodeServices
 
     try:
         fleet = load_fleet(args.simulate)
@@ -159,8 +254,17 @@ def _install_simulator(
             2, f"gpu-exporter: error: node {args.node!r} is not in {args.simulate} ({names})\n"
         )
     clock = WallClock() if args.simulate_time is None else ManualClock(args.simulate_time)
-    install(fleet, args.node, clock=clock)
-    return clock.now
+    driver = install(fleet, args.node, clock=clock)
+    services = SimulatedNodeServices(driver)
+    services.start()
+    # The node's own kubelet socket, API server and /proc, unless flags point elsewhere.
+    if args.kubelet_socket == DEFAULT_SOCKET:
+        args.kubelet_socket = str(services.kubelet_socket)
+    if args.procfs == "/proc":
+        args.procfs = str(services.procfs_root)
+    if args.kubeconfig is None:
+        args.apiserver_url = services.apiserver_url
+    return clock.now, services
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -171,22 +275,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     clock: Callable[[], float] = time.time
+    services = None
     if args.simulate:
-        clock = _install_simulator(parser, args)
+        clock, services = _install_simulator(parser, args)
     node = args.node or socket.gethostname()
-
+    nvml = Nvml(node)
+    try:
+        nvml.init()
+    except NvmlStartupError as error:
+        print(f"gpu-exporter: error: {error}", file=sys.stderr)
+        if services is not None:
+            services.stop()
+        return 1
+    attribution, informer = build_attribution(args, node)
+    if {"process", "allocation"} & set(args.collectors):
+        attribution.announce()
     exporter = Exporter(
-        Nvml(node),
-        build_collectors(args.collectors, clock),
+        nvml,
+        build_collectors(args.collectors, clock, attribution, args.process_series_limit),
         interval=args.collection_interval,
         nvml_timeout=args.nvml_timeout,
         clock=clock,
+        attribution=attribution,
     )
-    try:
-        exporter.start_nvml()
-    except NvmlStartupError as error:
-        print(f"gpu-exporter: error: {error}", file=sys.stderr)
-        return 1
+
+    def stop_services() -> None:
+        if informer is not None:
+            informer.stop()
+        if attribution.pod_resources is not None:
+            attribution.pod_resources.close()
+        if services is not None:
+            services.stop()
+
+    exporter.start_nvml()
+    if informer is not None:
+        informer.start()
+        informer.wait_synced(timeout=5.0)
     exporter.run_cycle()
     try:
         server = MetricsServer(args.listen, exporter)
@@ -194,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         host, port = args.listen
         print(f"gpu-exporter: error: cannot listen on {host}:{port}: {error}", file=sys.stderr)
         exporter.close()
+        stop_services()
         return 1
     server.serve_in_background()
     log.info("serving /metrics on %s:%d for node %s", *args.listen, node)
@@ -208,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.shutdown()
     server.server_close()
     exporter.close()
+    stop_services()
     log.info("stopped")
     return 0
 

@@ -51,6 +51,8 @@ _KIND_BY_CODE = {
     pynvml.NVML_ERROR_TIMEOUT: ErrorKind.TIMEOUT,
 }
 
+#: What NVML answers for a MIG slot with no instance in it.
+_EMPTY_SLOT = frozenset({ErrorKind.NOT_FOUND})
 #: Kinds that will not change until the GPU is enumerated again: stop asking.
 _STABLE_KINDS = frozenset({ErrorKind.NOT_SUPPORTED, ErrorKind.FUNCTION_NOT_FOUND})
 
@@ -217,11 +219,21 @@ class Nvml:
             return None
 
     # -- guarded reads -----------------------------------------------------------------------
-    def read(self, gpu: Gpu, function: str, *args: Any, handle: Any = None) -> Any:
+    def read(
+        self,
+        gpu: Gpu,
+        function: str,
+        *args: Any,
+        handle: Any = None,
+        expected: frozenset[ErrorKind] = frozenset(),
+        on_expected: Any = None,
+    ) -> Any:
         """Call `pynvml.<function>(handle, *args)`; None when NVML cannot give the value.
 
         Raises GpuLostError or NvmlDownError for failures that end this GPU's (or every
         GPU's) cycle; everything else is counted and answered with None, never a fake value.
+        Kinds in `expected` are answers, not errors (NOT_FOUND for an empty MIG slot, or from
+        process utilization when no process ran): `on_expected` is returned, uncounted.
         """
         key = _support_key(function, args)
         if key in gpu.unsupported:
@@ -231,6 +243,8 @@ class Nvml:
             return getattr(pynvml, function)(gpu.handle if handle is None else handle, *args)
         except pynvml.NVMLError as error:
             kind = classify(error)
+            if kind in expected:
+                return on_expected
             self.count_error(function, kind)
             if kind in _STABLE_KINDS:
                 gpu.unsupported.add(key)
@@ -347,9 +361,11 @@ class Nvml:
         slots = self.read(gpu, "nvmlDeviceGetMaxMigDeviceCount") or 0
         found: list[MigInstance] = []
         for slot in range(slots):
-            handle = self.read(gpu, "nvmlDeviceGetMigDeviceHandleByIndex", slot)
+            handle = self.read(
+                gpu, "nvmlDeviceGetMigDeviceHandleByIndex", slot, expected=_EMPTY_SLOT
+            )
             if handle is None:
-                continue  # NOT_FOUND: an empty slot
+                continue  # NOT_FOUND: an empty slot, not an error
             uuid = self.read(gpu, "nvmlDeviceGetUUID", handle=handle)
             if uuid is None:
                 continue

@@ -41,6 +41,7 @@ from .fleet import (
     SimNode,
 )
 from .models import MIG_COMPUTE_SLICES, remaining_capacity
+from .pods import ProcessState, processes_at
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ class SimulatedDriver:
         self._event_sets: dict[int, _EventSet] = {}
         self._xid_delivered: set[int] = set()
         self._gpm_samples: dict[int, tuple[int, int | None, float] | None] = {}
+        self._process_cache: tuple[float, list[ProcessState]] | None = None
         self._next_handle = 0
         self._err_bufs: dict[int, ctypes.Array[c_char]] = {}
         name = self.node.name
@@ -1210,25 +1212,46 @@ class SimulatedDriver:
 
     # -- processes -----------------------------------------------------------------------------
 
+    def running_processes(self, t: float | None = None) -> list[ProcessState]:
+        """The node's GPU processes at t (default: now), from the fleet's pods; cached per t."""
+        t = self._now() if t is None else t
+        hit = self._process_cache
+        if hit is not None and hit[0] == t:
+            return hit[1]
+        procs = processes_at(
+            self.fleet,
+            self.node.name,
+            t,
+            gpu_state=lambda index, at: self.gpu_state(index, at),
+            mig_state=lambda index, gi, at: self.mig_state(index, gi, at),
+        )
+        self._process_cache = (t, procs)
+        return procs
+
     def _processes(
         self, fn: str, h: int | None, p_count: int | None, arr: int | None, kind: str
     ) -> int:
-        dev = self._device(fn, h, self._now())
+        t = self._now()
+        dev = self._device(fn, h, t)
         if isinstance(dev, int):
             return dev
         if not p_count:
             return INVALID_ARGUMENT
         g, m = dev
-        procs: list[tuple[int, int, int, int]] = []  # (pid, bytes, gi, ci); none simulated yet
-        if kind == "compute":
-            if m is not None:
-                procs = [(p.pid, p.used_gpu_memory, m.gpu_instance_id, 0) for p in m.processes]
-            else:
-                procs = [(p.pid, p.used_gpu_memory, _UINT_MAX, _UINT_MAX) for p in g.processes]
-                for mi in g.mig or ():
-                    procs += [
-                        (p.pid, p.used_gpu_memory, mi.gpu_instance_id, 0) for p in mi.processes
-                    ]
+        # A MIG handle lists its instance's processes; the parent lists all, with GI/CI ids
+        # (UINT_MAX for processes on a GPU without MIG).
+        procs = [
+            (
+                p.pid,
+                p.memory_bytes,
+                _UINT_MAX if p.gpu_instance is None else p.gpu_instance,
+                _UINT_MAX if p.gpu_instance is None else 0,
+            )
+            for p in self.running_processes(t)
+            if p.kind == kind
+            and p.gpu == g.index
+            and (m is None or p.gpu_instance == m.gpu_instance_id)
+        ]
         capacity = c_uint.from_address(p_count).value
         _put_uint(p_count, len(procs))
         if not procs:
@@ -1236,13 +1259,50 @@ class SimulatedDriver:
         if not arr or capacity < len(procs):
             return INSUFFICIENT_SIZE
         out = (pynvml.c_nvmlProcessInfo_v3_t * len(procs)).from_address(arr)
-        for slot, (pid, mem, gi, ci) in zip(out, procs, strict=True):
+        for slot, (pid, mem, gi, ci) in zip(out, procs, strict=False):
             slot.pid, slot.usedGpuMemory, slot.gpuInstanceId, slot.computeInstanceId = (
                 pid,
                 mem,
                 gi,
                 ci,
             )
+        return SUCCESS
+
+    @_nvml(c_void_p, c_void_p, c_void_p, c_ulonglong)
+    def nvmlDeviceGetProcessUtilization(
+        self, h: int | None, arr: int | None, p_count: int | None, last_seen: int
+    ) -> int:
+        """Per-process utilization samples newer than `last_seen` (microseconds).
+
+        Like the real driver: NOT_SUPPORTED on MIG, NOT_FOUND when no process was active in
+        the window, INSUFFICIENT_SIZE with the count when asked without a buffer.
+        """
+        t = self._now()
+        r = self._gpu_only("nvmlDeviceGetProcessUtilization", h)
+        if isinstance(r, int):
+            return r
+        g = r[0]
+        if g.mig_enabled:
+            return NOT_SUPPORTED
+        if not p_count:
+            return INVALID_ARGUMENT
+        stamp = int(t * 1_000_000)
+        samples = [
+            p
+            for p in self.running_processes(t)
+            if p.gpu == g.index and p.kind != "graphics" and stamp > last_seen
+        ]
+        if not samples:
+            return NOT_FOUND
+        capacity = c_uint.from_address(p_count).value
+        _put_uint(p_count, len(samples))
+        if not arr or capacity < len(samples):
+            return INSUFFICIENT_SIZE
+        out = (pynvml.c_nvmlProcessUtilizationSample_t * len(samples)).from_address(arr)
+        for slot, p in zip(out, samples, strict=False):
+            slot.pid, slot.timeStamp = p.pid, stamp
+            slot.smUtil, slot.memUtil = p.sm_util, p.memory_util
+            slot.encUtil, slot.decUtil = p.encoder_util, p.decoder_util
         return SUCCESS
 
     @_nvml(c_void_p, c_void_p, c_void_p)

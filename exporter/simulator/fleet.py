@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from .models import MIG_COMPUTE_SLICES, MODELS, GpuModel, MigProfile, Placement, place
+from .pods import KubeletSpec, PodSpec, parse_kubelet, parse_pods
 
 DEFAULT_DRIVER_VERSION = "570.124.06"
 DEFAULT_CUDA_DRIVER_VERSION = 12080
@@ -230,15 +231,6 @@ class Workload:
 
 
 @dataclass(frozen=True)
-class SimProcess:
-    """A process on a device; reserved for the issue that adds simulated processes."""
-
-    pid: int
-    used_gpu_memory: int
-    command: str = ""
-
-
-@dataclass(frozen=True)
 class SimMigInstance:
     """One MIG device: a GPU instance with its one compute instance spanning it."""
 
@@ -246,7 +238,6 @@ class SimMigInstance:
     workload: Workload
     uuid: str  # "MIG-..."
     key: int
-    processes: tuple[SimProcess, ...] = ()
 
     @property
     def profile(self) -> MigProfile:
@@ -273,7 +264,7 @@ class SimGpu:
     workload: Workload  # used when MIG is off
     mig: tuple[SimMigInstance, ...] | None  # None: MIG disabled; (): enabled, no instances
     key: int
-    processes: tuple[SimProcess, ...] = ()
+    replicas: int = 0  # time-slicing: the device plugin advertises this many shares (0: off)
 
     @property
     def mig_enabled(self) -> bool:
@@ -320,6 +311,8 @@ class SimNode:
     cuda_driver_version: int
     gpus: tuple[SimGpu, ...]
     faults: tuple[Fault, ...] = ()
+    pods: tuple[PodSpec, ...] = ()
+    kubelet: KubeletSpec = field(default_factory=KubeletSpec)
 
 
 @dataclass(frozen=True)
@@ -1015,8 +1008,8 @@ def _fault(ctx: _Ctx, value: object, where: str, n_gpus: int) -> Fault:
     return Fault(kind, at, until, gpu, function, error, xid, temperature)
 
 
-_NODE_KEYS = ("name", "driver_version", "cuda_driver_version", "gpus", "faults")
-_GROUP_KEYS = ("model", "count", "mig", "workload")
+_NODE_KEYS = ("name", "driver_version", "cuda_driver_version", "gpus", "faults", "pods", "kubelet")
+_GROUP_KEYS = ("model", "count", "mig", "workload", "time_slicing")
 _TOP_KEYS = ("seed", "driver_version", "cuda_driver_version", "nodes")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _DRIVER = re.compile(r"^\d+\.\d+(\.\d+)?$")
@@ -1071,6 +1064,9 @@ def parse_fleet(data: object, source: str = "<fleet>") -> Fleet:
                 )
             model = MODELS[mkey]
             count = ctx.integer(gs.get("count", 1), f"{gw}.count", 1, 16)
+            replicas = ctx.integer(gs.get("time_slicing", 0), f"{gw}.time_slicing", 0, 64)
+            if replicas and gs.get("mig") is not None:
+                raise ctx.fail(f"{gw}.time_slicing", "time-slicing applies to whole GPUs, not MIG")
             workload = _workload(ctx, gs.get("workload"), f"{gw}.workload")
             mig_spec = gs.get("mig")
             items: list[tuple[str, object, str]] | None = None
@@ -1132,6 +1128,7 @@ def parse_fleet(data: object, source: str = "<fleet>") -> Fleet:
                         workload=workload,
                         mig=mig,
                         key=gkey,
+                        replicas=replicas,
                     )
                 )
         faults_v = ns.get("faults", [])
@@ -1140,7 +1137,18 @@ def parse_fleet(data: object, source: str = "<fleet>") -> Fleet:
         faults = tuple(
             _fault(ctx, fv, f"{nw}.faults[{fi}]", len(gpus)) for fi, fv in enumerate(faults_v)
         )
-        nodes[name] = SimNode(name, driver, cuda, tuple(gpus), faults)
+        kubelet = parse_kubelet(ctx, ns.get("kubelet"), f"{nw}.kubelet")
+        pods = parse_pods(
+            ctx,
+            ns.get("pods"),
+            f"{nw}.pods",
+            seed=seed,
+            node=name,
+            gpus=gpus,
+            hash64=_hash64,
+            uuid=_uuid,
+        )
+        nodes[name] = SimNode(name, driver, cuda, tuple(gpus), faults, pods, kubelet)
     return Fleet(seed=seed, nodes=nodes, source=source)
 
 

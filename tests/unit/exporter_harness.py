@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,12 +13,18 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.attribution import Attribution
 from exporter.collection import Exporter
 from exporter.collectors import OPTIONAL_COLLECTORS
 from exporter.main import build_collectors
 from exporter.nvml import Nvml
-from exporter.simulator import ManualClock, install, uninstall
+from exporter.podresources import PodResourcesClient
+from exporter.pods import PodInformer, api_client_for_url
+from exporter.procfs import ProcfsReader
+from exporter.simulator import ManualClock, install, load_fleet, uninstall
 from exporter.simulator.fleet import parse_fleet
+from exporter.simulator.node import SimulatedNodeServices
+from exporter.simulator.pods import pods_at
 
 FLEETS = Path(__file__).resolve().parents[1] / "fleets"
 UNIT_FLEET = FLEETS / "exporter-unit.yaml"
@@ -33,12 +40,31 @@ class Node:
     exporter: Exporter
     driver: Any
     clock: ManualClock
+    services: SimulatedNodeServices | None = None
+    informer: PodInformer | None = None
 
     def cycle(self, advance: float = 0.0) -> Series:
-        """Advance the simulated clock, run one collection cycle, return the parsed output."""
+        """Advance the simulated clock, run one collection cycle, return the parsed output.
+
+        With Kubernetes services, /proc is rewritten for the new time and the cycle waits
+        until the informer has seen the pods that exist now (the fake API server pushes
+        changes within a few milliseconds), so each cycle is compared with ground truth.
+        """
         self.clock.advance(advance)
+        if self.services is not None:
+            self.services.sync()
+            self.wait_for_informer()
         self.exporter.run_cycle()
         return parse(self.exporter.exposition())
+
+    def wait_for_informer(self, timeout: float = 5.0) -> None:
+        if self.informer is None or self.services is None:
+            return
+        want = {p.uid for p in pods_at(self.driver.fleet, self.driver.node.name, self.clock.now())}
+        deadline = time.monotonic() + timeout
+        while {p.uid for p in self.informer.pods()} != want:
+            assert time.monotonic() < deadline, "the informer did not catch up with the pods"
+            time.sleep(0.005)
 
 
 def parse(body: bytes) -> Series:
@@ -63,6 +89,50 @@ def one(series: Series, name: str, **labels: str) -> float:
 
 def fleet_document(path: Path = UNIT_FLEET) -> dict[str, Any]:
     return copy.deepcopy(yaml.safe_load(path.read_text()))
+
+
+@contextmanager
+def running_attributed_node(
+    path: Path,
+    node: str,
+    *,
+    start: float = T0,
+    pod_labels: tuple[str, ...] = (),
+    process_series_limit: int = 64,
+) -> Iterator[Node]:
+    """The exporter on a simulated node with its fake kubelet, API server and /proc."""
+    clock = ManualClock(start)
+    driver = install(load_fleet(path), node, clock=clock)
+    services = SimulatedNodeServices(driver, poll_interval=0.005)
+    services.start(refresh_seconds=3600)  # the test syncs /proc itself, per cycle
+    informer = PodInformer(
+        api_client_for_url(services.apiserver_url), node, watch_timeout_seconds=3600
+    )
+    informer.start()
+    attribution = Attribution(
+        pod_resources=PodResourcesClient(str(services.kubelet_socket)),
+        informer=informer,
+        procfs=ProcfsReader(services.procfs_root),
+        pod_labels=pod_labels,
+    )
+    exporter = Exporter(
+        Nvml(node),
+        build_collectors(OPTIONAL_COLLECTORS, clock.now, attribution, process_series_limit),
+        interval=1.0,
+        nvml_timeout=2.0,
+        clock=clock.now,
+        attribution=attribution,
+    )
+    try:
+        exporter.start_nvml()
+        handle = Node(exporter, driver, clock, services, informer)
+        handle.wait_for_informer()
+        yield handle
+    finally:
+        informer.stop()
+        exporter.close()
+        services.stop()
+        uninstall()
 
 
 @contextmanager

@@ -1,0 +1,71 @@
+"""The metric catalogue is the one place metric names live; everything else must agree with it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from exporter.catalogue import CATALOGUE, DEVICE_LABELS, markdown
+
+ROOT = Path(__file__).resolve().parents[2]
+#: Names of our metrics as they appear in PromQL, JSON or Python: gpu_ followed by a word.
+METRIC_NAME = re.compile(r"\bgpu_[a-z0-9_]+\b")
+#: Suffixes PromQL adds to or strips from a family's name.
+SUFFIXES = ("_bucket", "_count", "_sum", "_created")
+
+
+def test_metrics_doc_is_generated_from_the_catalogue() -> None:
+    doc = (ROOT / "docs" / "metrics.md").read_text()
+    assert doc == markdown(), "docs/metrics.md is stale: run `make docs`"
+
+
+def test_names_follow_prometheus_unit_conventions() -> None:
+    units = (
+        "_bytes",
+        "_seconds",
+        "_celsius",
+        "_watts",
+        "_ratio",
+        "_hertz",
+        "_total",
+        "_bytes_per_second",
+        "_info",
+        "_up",
+        "_state",
+        "_active",
+        "_pages",
+        "_rows",
+        "_pending",
+        "_failed",
+        "_instances",
+        "_capacity",
+        "_available",
+        "_success",
+        "_processes",
+        "_devices",
+    )
+    for name, spec in CATALOGUE.items():
+        assert name.startswith("gpu_"), name
+        assert name.endswith(units), f"{name}: end in a base unit or a documented suffix"
+        assert spec.help.endswith("."), f"{name}: HELP is a sentence"
+        if spec.type == "counter":
+            assert name.endswith("_total")
+        if spec.group not in ("exporter",) or name == "gpu_up":
+            assert spec.labels[: len(DEVICE_LABELS)] == DEVICE_LABELS or spec.labels[0] == "node"
+
+
+def test_rules_and_dashboards_use_only_catalogue_names() -> None:
+    """Python code names metrics through the catalogue's constants; YAML and JSON cannot."""
+    used: dict[str, set[str]] = {}
+    for folder in ("rules", "dashboards", "helm"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix not in {".yml", ".yaml", ".json", ".tpl"}:
+                continue
+            for name in METRIC_NAME.findall(path.read_text()):
+                used.setdefault(name, set()).add(str(path.relative_to(ROOT)))
+    unknown = {
+        name: files
+        for name, files in used.items()
+        if name not in CATALOGUE and not name.endswith(SUFFIXES) and ":" not in name
+    }
+    assert not unknown, f"metrics that nothing exports: {unknown}"
