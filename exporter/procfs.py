@@ -156,7 +156,7 @@ def parse_cgroup(text: str) -> ContainerRef | None:
     return None
 
 
-def _read(path: Path, limit: int = _READ_LIMIT) -> bytes | None:
+def _read(path: str, limit: int = _READ_LIMIT) -> bytes | None:
     """One open() and one read(); None when the file is gone or unreadable.
 
     FileNotFoundError: the pid exited (or hidepid hides it). ProcessLookupError (ESRCH): it
@@ -182,7 +182,7 @@ def _decode(data: bytes) -> str:
 
 def container_of(pid: int, procfs_root: str | Path = "/proc") -> ContainerRef | None:
     """The pod container that `pid` runs in; None for host processes and for gone pids."""
-    data = _read(Path(procfs_root) / str(pid) / "cgroup")
+    data = _read(f"{os.fspath(procfs_root)}/{pid}/cgroup")
     return None if data is None else parse_cgroup(_decode(data))
 
 
@@ -209,13 +209,13 @@ def process_name(pid: int, procfs_root: str | Path = "/proc") -> str | None:
     starts with it, the longer argv[0] base name is used, as `ps` and psutil do (so
     `text-generation-launcher`, not `text-generation`). Only argv[0] is looked at.
     """
-    proc = Path(procfs_root) / str(pid)
-    data = _read(proc / "comm")
+    proc = f"{os.fspath(procfs_root)}/{pid}"
+    data = _read(f"{proc}/comm")
     if data is None:
         return None
     comm = data.rstrip(b"\n")
     if len(comm) >= COMM_MAX_BYTES:
-        cmdline = _read(proc / "cmdline", _CMDLINE_LIMIT)
+        cmdline = _read(f"{proc}/cmdline", _CMDLINE_LIMIT)
         if cmdline:
             # Up to the first NUL or whitespace: setproctitle may put a whole command line,
             # spaces and all, into argv[0].
@@ -226,14 +226,14 @@ def process_name(pid: int, procfs_root: str | Path = "/proc") -> str | None:
     return sanitize_command(_decode(comm))
 
 
-def _start_ticks(proc: Path) -> int | None:
+def _start_ticks(proc: str) -> int | None:
     """Field 22 of /proc/<pid>/stat: start time in clock ticks after boot; None if gone.
 
     With the pid it names one process for the life of the machine, since pids are reused.
     Field 2 (comm, in parentheses) may itself hold spaces and ")", so fields are counted
     from the last ")".
     """
-    data = _read(proc / "stat")
+    data = _read(f"{proc}/stat")
     if data is None:
         return None
     _, sep, rest = data.rpartition(b")")
@@ -257,7 +257,8 @@ class ProcfsReader:
     """
 
     def __init__(self, procfs_root: str | Path = "/proc") -> None:
-        self._root = Path(procfs_root)
+        # Plain strings, not pathlib: Path interns every component, and pids churn.
+        self._root = os.fspath(procfs_root)
         # pid -> (start ticks, name, container)
         self._cache: dict[int, tuple[int, str, ContainerRef | None]] = {}
         # pids whose start time was checked this cycle; a pid is not reused within a cycle.
@@ -272,7 +273,7 @@ class ProcfsReader:
         cached = self._cache.get(pid)
         if cached is not None and pid in self._checked:
             return cached[1], cached[2]
-        proc = self._root / str(pid)
+        proc = f"{self._root}/{pid}"
         start = _start_ticks(proc)
         if start is None:
             # Gone (or hidden). Not cached: a later cycle may see it, e.g. after a hidepid fix.
@@ -282,7 +283,7 @@ class ProcfsReader:
         if cached is not None and cached[0] == start:
             return cached[1], cached[2]
         name = process_name(pid, self._root)
-        cgroup = _read(proc / "cgroup")
+        cgroup = _read(f"{proc}/cgroup")
         container = None if cgroup is None else parse_cgroup(_decode(cgroup))
         if name is None or cgroup is None:
             # It exited between reads: gone, and half an answer is not remembered.
