@@ -225,26 +225,29 @@ class Exporter:
         self._finish_cycle(started)
 
     def _read_gpus(self) -> dict[int, GpuResult]:
-        futures: dict[int, Future[GpuResult]] = {}
+        """Each GPU on its own worker, one after another, each with its own deadline.
+
+        One at a time: eight threads contending for the GIL cost four times the CPU of the
+        reads themselves. A hung call costs one deadline in the cycle it starts in; after that
+        its worker is busy and the GPU is skipped at once until the call returns.
+        """
         results: dict[int, GpuResult] = {}
         for gpu in self.gpus:
             worker = self._workers.get(gpu.index)
             if worker is None:
                 worker = self._workers[gpu.index] = Worker(f"nvml-gpu{gpu.index}")
             if worker.busy:
-                # Still wedged in last cycle's call: fail fast, do not queue behind it.
-                results[gpu.index] = GpuResult(up=False)
+                results[gpu.index] = GpuResult(up=False)  # still wedged: fail fast
                 continue
-            futures[gpu.index] = worker.submit(functools.partial(self._read_one_gpu, gpu))
-        wait_futures(futures.values(), timeout=self.nvml_timeout)
-        for index, future in futures.items():
-            if future.done():
-                results[index] = future.result()  # _read_one_gpu never raises but NvmlDown
+            future = worker.submit(functools.partial(self._read_one_gpu, gpu))
+            done, _ = wait_futures([future], timeout=self.nvml_timeout)
+            if done:
+                results[gpu.index] = future.result()  # raises only NvmlDownError
                 continue
-            function = self.nvml.in_flight.get(self._workers[index].thread.ident or 0, "unknown")
+            function = self.nvml.in_flight.get(worker.thread.ident or 0, "unknown")
             self.nvml.count_error(function, ErrorKind.TIMEOUT)
-            self._log_once(f"hang:{index}:{function}", f"GPU {index}: {function} hung; skipping")
-            results[index] = GpuResult(up=False)
+            self._log_once(f"hang:{gpu.index}:{function}", f"GPU {gpu.index}: {function} hung")
+            results[gpu.index] = GpuResult(up=False)
         return results
 
     def _read_one_gpu(self, gpu: Gpu) -> GpuResult:
