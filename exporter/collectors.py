@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from exporter import catalogue as m
 from exporter.attribution import Attribution
+from exporter.catalogue import MetricSpec
 from exporter.exposition import Sample
 from exporter.nvml import ErrorKind, Gpu, MigInstance, Nvml, SystemInfo
 from exporter.podresources import DeviceRef
@@ -142,6 +143,35 @@ class GpmSampler:
             pynvml.nvmlGpmSampleFree(self._previous.pop(key))
 
 
+#: Device readings that are one NVML call, one unit conversion and one sample each:
+#: (metric, NVML function, selector arguments, conversion, extra label values).
+_DEVICE_SCALARS: tuple[
+    tuple[MetricSpec, str, tuple[int, ...], Callable[[float], float], tuple[str, ...]], ...
+] = (
+    (m.GPU_TEMPERATURE, "nvmlDeviceGetTemperature", (pynvml.NVML_TEMPERATURE_GPU,), float, ()),
+    (m.GPU_POWER, "nvmlDeviceGetPowerUsage", (), milli_to_base, ()),
+    (m.GPU_POWER_LIMIT, "nvmlDeviceGetEnforcedPowerLimit", (), milli_to_base, ()),
+    (m.GPU_ENERGY, "nvmlDeviceGetTotalEnergyConsumption", (), milli_to_base, ()),
+    (m.GPU_CLOCK, "nvmlDeviceGetClockInfo", (pynvml.NVML_CLOCK_SM,), mhz_to_hertz, ("sm",)),
+    (m.GPU_CLOCK, "nvmlDeviceGetClockInfo", (pynvml.NVML_CLOCK_MEM,), mhz_to_hertz, ("memory",)),
+    (m.GPU_FAN_SPEED, "nvmlDeviceGetFanSpeed", (), percent_to_ratio, ()),
+    (
+        m.GPU_PCIE_THROUGHPUT,
+        "nvmlDeviceGetPcieThroughput",
+        (pynvml.NVML_PCIE_UTIL_TX_BYTES,),
+        kib_to_bytes,
+        ("tx",),
+    ),
+    (
+        m.GPU_PCIE_THROUGHPUT,
+        "nvmlDeviceGetPcieThroughput",
+        (pynvml.NVML_PCIE_UTIL_RX_BYTES,),
+        kib_to_bytes,
+        ("rx",),
+    ),
+)
+
+
 class DeviceCollector(Collector):
     """Identity, utilization, memory, thermals, power, clocks and PCIe of each GPU."""
 
@@ -173,36 +203,10 @@ class DeviceCollector(Collector):
             out.append((m.GPU_MEMORY_USED, labels, float(memory.used)))
             out.append((m.GPU_MEMORY_FREE, labels, float(memory.free)))
             out.append((m.GPU_MEMORY_TOTAL, labels, float(memory.total)))
-        temperature = read(gpu, "nvmlDeviceGetTemperature", pynvml.NVML_TEMPERATURE_GPU)
-        if temperature is not None:
-            out.append((m.GPU_TEMPERATURE, labels, float(temperature)))
-        power = read(gpu, "nvmlDeviceGetPowerUsage")
-        if power is not None:
-            out.append((m.GPU_POWER, labels, milli_to_base(power)))
-        limit = read(gpu, "nvmlDeviceGetEnforcedPowerLimit")
-        if limit is not None:
-            out.append((m.GPU_POWER_LIMIT, labels, milli_to_base(limit)))
-        energy = read(gpu, "nvmlDeviceGetTotalEnergyConsumption")
-        if energy is not None:
-            out.append((m.GPU_ENERGY, labels, milli_to_base(energy)))
-        for clock_name, clock_id in (
-            ("sm", pynvml.NVML_CLOCK_SM),
-            ("memory", pynvml.NVML_CLOCK_MEM),
-        ):
-            clock = read(gpu, "nvmlDeviceGetClockInfo", clock_id)
-            if clock is not None:
-                out.append((m.GPU_CLOCK, (*labels, clock_name), mhz_to_hertz(clock)))
-        fan = read(gpu, "nvmlDeviceGetFanSpeed")
-        if fan is not None:
-            out.append((m.GPU_FAN_SPEED, labels, percent_to_ratio(fan)))
-        for direction, counter in (
-            ("tx", pynvml.NVML_PCIE_UTIL_TX_BYTES),
-            ("rx", pynvml.NVML_PCIE_UTIL_RX_BYTES),
-        ):
-            kib_per_second = read(gpu, "nvmlDeviceGetPcieThroughput", counter)
-            if kib_per_second is not None:
-                value = kib_to_bytes(kib_per_second)
-                out.append((m.GPU_PCIE_THROUGHPUT, (*labels, direction), value))
+        for spec, function, args, convert, extra_labels in _DEVICE_SCALARS:
+            value = read(gpu, function, *args)
+            if value is not None:
+                out.append((spec, (*labels, *extra_labels), convert(value)))
         pstate = read(gpu, "nvmlDeviceGetPerformanceState")
         if pstate is not None and pstate != pynvml.NVML_PSTATE_UNKNOWN:
             out.append((m.GPU_PERFORMANCE_STATE, labels, float(pstate)))
