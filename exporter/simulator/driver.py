@@ -1287,11 +1287,7 @@ class SimulatedDriver:
         if not p_count:
             return INVALID_ARGUMENT
         stamp = int(t * 1_000_000)
-        samples = [
-            p
-            for p in self.running_processes(t)
-            if p.gpu == g.index and p.kind != "graphics" and stamp > last_seen
-        ]
+        samples = [p for p in self.running_processes(t) if p.gpu == g.index and stamp > last_seen]
         if not samples:
             return NOT_FOUND
         capacity = c_uint.from_address(p_count).value

@@ -3,9 +3,12 @@ API server, a procfs tree and the simulated driver: the code a real node runs.""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from exporter.catalogue import CATALOGUE
+from exporter.main import build_attribution, build_parser
 from exporter.simulator.pods import processes_at
 from tests.unit.exporter_harness import FLEETS, T0, one, running_attributed_node, select
 
@@ -30,14 +33,14 @@ def test_each_process_is_published_with_its_pod_memory_and_utilization() -> None
     }
     assert kubernetes_families <= published
     info = select(series, "gpu_process_info")
-    assert len(info) == len(truth) == 7
+    assert len(info) == len(truth) == 8
     for process in truth:
         (labels,) = (dict(k) for k in info if dict(k)["pid"] == str(process.pid))
         assert labels["namespace"] == process.namespace
         assert labels["pod"] == process.pod
         assert labels["container"] == process.container
         assert labels["gpu"] == str(process.gpu)
-        assert labels["type"] == "compute"
+        assert labels["type"] == process.kind
         memory = one(series, "gpu_process_memory_used_bytes", pid=str(process.pid))
         assert memory == process.memory_bytes
         if process.gpu_instance is None:
@@ -48,10 +51,10 @@ def test_each_process_is_published_with_its_pod_memory_and_utilization() -> None
             assert labels["mig_profile"] in ("3g.40gb", "4g.40gb")
             assert not select(series, "gpu_process_sm_utilization_ratio", pid=str(process.pid))
     trainer = [dict(k) for k in info if dict(k)["pod"] == "trainer-0"]
-    assert {t["command"] for t in trainer} == {"python3", "data-loader"}
+    assert {t["command"] for t in trainer} == {"python3", "data-loader", "Xorg"}
     assert {t["label_team"] for t in trainer} == {"vision"}
     assert one(series, "gpu_processes", gpu="2") == 3
-    assert one(series, "gpu_node_processes") == 7
+    assert one(series, "gpu_node_processes") == 8
 
 
 def test_arguments_never_reach_labels() -> None:
@@ -110,8 +113,8 @@ def test_process_series_are_capped_per_gpu_and_the_rest_counted() -> None:
     assert len(select(series, "gpu_process_info", gpu="0")) == 1
     assert len(select(series, "gpu_process_info", gpu="2")) == 1
     assert one(series, "gpu_processes", gpu="2") == 3  # the count is still the truth
-    # GPU 0 drops one of two, GPU 1 (MIG) one of two, GPU 2 two of three.
-    assert one(series, "gpu_exporter_process_series_dropped_total") == 4
+    # GPU 0 drops two of three, GPU 1 (MIG) one of two, GPU 2 two of three.
+    assert one(series, "gpu_exporter_process_series_dropped_total") == 5
 
 
 def test_gpu_metrics_survive_the_kubelet_going_away_and_attribution_comes_back() -> None:
@@ -127,3 +130,18 @@ def test_gpu_metrics_survive_the_kubelet_going_away_and_attribution_comes_back()
     assert select(down, "gpu_process_info")  # processes still map through /proc and the API
     assert one(back, "gpu_exporter_attribution_up", source="kubelet") == 1
     assert len(by_pod(select(back, "gpu_allocation_info"))) == 6
+
+
+def test_without_kubernetes_the_exporter_says_so_once_and_publishes_no_pod_labels(
+    tmp_path, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    args = build_parser().parse_args(
+        ["--kubelet-socket", str(tmp_path / "missing.sock"), "--kubeconfig", str(tmp_path / "none")]
+    )
+    with caplog.at_level(logging.WARNING):
+        attribution, informer = build_attribution(args, "attr-node")
+        attribution.announce()
+    assert informer is None and attribution.pod_resources is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "not on Kubernetes (no kubelet socket, no API access): pod labels off"
+    ]
