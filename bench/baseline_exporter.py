@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from exporter.catalogue import CATALOGUE
+from exporter.catalogue import MetricSpec
 from exporter.collectors import Collector
 from exporter.nvml import Gpu, Nvml
 
 REGISTRY = CollectorRegistry()
-GAUGES = {
-    name: Gauge(name, spec.help, spec.labels, registry=REGISTRY) for name, spec in CATALOGUE.items()
-}
+#: One module-level Gauge per metric, created with the labels it is first published with
+#: (the catalogue's, plus any allowlisted pod labels).
+GAUGES: dict[str, Gauge] = {}
+
+
+def gauge(spec: MetricSpec) -> Gauge:
+    if spec.name not in GAUGES:
+        GAUGES[spec.name] = Gauge(spec.name, spec.help, spec.labels, registry=REGISTRY)
+    return GAUGES[spec.name]
 
 
 def read_and_set(nvml: Nvml, gpus: list[Gpu], collectors: list[Collector]) -> None:
@@ -27,14 +34,14 @@ def read_and_set(nvml: Nvml, gpus: list[Gpu], collectors: list[Collector]) -> No
     for gpu in gpus:
         for collector in collectors:
             for spec, labels, value in collector.read_gpu(nvml, gpu):
-                GAUGES[spec.name].labels(*labels).set(value)
+                gauge(spec).labels(*labels).set(value)
     for collector in collectors:
         for spec, labels, value in collector.read_node(nvml, gpus):
-            GAUGES[spec.name].labels(*labels).set(value)
+            gauge(spec).labels(*labels).set(value)
 
 
 def main() -> None:
-    from bench.common import open_simulated_node
+    from bench.common import node_services, open_simulated_node
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--simulate", required=True)
@@ -42,12 +49,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--interval", type=float, default=1.0)
     args = parser.parse_args()
-    nvml, gpus, collectors = open_simulated_node(args.simulate, args.node)
-    read_and_set(nvml, gpus, collectors)
-    start_http_server(args.port, addr="127.0.0.1", registry=REGISTRY)
-    while True:
-        time.sleep(args.interval)
+    with node_services(Path(args.simulate), args.node) as attribution:
+        nvml, gpus, collectors = open_simulated_node(Path(args.simulate), args.node, attribution)
         read_and_set(nvml, gpus, collectors)
+        start_http_server(args.port, addr="127.0.0.1", registry=REGISTRY)
+        while True:
+            time.sleep(args.interval)
+            read_and_set(nvml, gpus, collectors)
 
 
 if __name__ == "__main__":

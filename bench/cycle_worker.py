@@ -13,7 +13,7 @@ import time
 
 import psutil
 
-from bench.common import FLEETS, open_simulated_node, simulated_exporter
+from bench.common import FLEETS, node_services, open_simulated_node, simulated_exporter
 
 
 def main() -> None:
@@ -23,27 +23,27 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=10_000)
     args = parser.parse_args()
     path, node = FLEETS[args.fleet]
-    if args.side == "ours":
-        exporter = simulated_exporter(path, node)
-        cycle = exporter.run_cycle
-    else:
-        from bench.baseline_exporter import read_and_set
+    with node_services(path, node) as attribution:
+        if args.side == "ours":
+            cycle = simulated_exporter(path, node, attribution).run_cycle
+        else:
+            from bench.baseline_exporter import read_and_set
 
-        nvml, gpus, collectors = open_simulated_node(path, node)
+            nvml, gpus, collectors = open_simulated_node(path, node, attribution)
 
-        def cycle() -> None:
-            read_and_set(nvml, gpus, collectors)
+            def cycle() -> None:
+                read_and_set(nvml, gpus, collectors)
 
-    process = psutil.Process()
-    cpu_seconds: list[float] = []
-    rss: dict[int, int] = {}
-    checkpoints = {1, args.cycles // 2, args.cycles}
-    for number in range(1, args.cycles + 1):
-        began = time.process_time()
-        cycle()
-        cpu_seconds.append(time.process_time() - began)
-        if number in checkpoints:
-            rss[number] = process.memory_info().rss
+        process = psutil.Process()
+        cpu_seconds: list[float] = []
+        rss: dict[int, int] = {}
+        checkpoints = {1, args.cycles // 2, args.cycles}
+        for number in range(1, args.cycles + 1):
+            began = time.process_time()
+            cycle()
+            cpu_seconds.append(time.process_time() - began)
+            if number in checkpoints:
+                rss[number] = process.memory_info().rss
     print(
         json.dumps(
             {

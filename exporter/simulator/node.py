@@ -123,3 +123,43 @@ class SimulatedNodeServices:
 
     def _pod_objects(self) -> list[dict[str, Any]]:
         return [pod_object(self.node, pod) for pod in pods_at(self.fleet, self.node, self._now())]
+
+
+def main() -> None:
+    """Serve one simulated node's kubelet, API server and /proc from a separate process.
+
+    `python -m exporter.simulator.node --fleet F --node N` prints one JSON line with the
+    socket, URL and procfs root, then serves until SIGTERM. Benchmarks use it so that the
+    fake kubelet's CPU is not counted as the exporter's, as on a real node.
+    """
+    import argparse
+    import json
+    import signal
+
+    from .clock import WallClock
+    from .driver import SimulatedDriver
+    from .fleet import load_fleet
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--fleet", required=True)
+    parser.add_argument("--node", required=True)
+    parser.add_argument("--workdir")
+    args = parser.parse_args()
+    driver = SimulatedDriver(load_fleet(args.fleet), args.node, WallClock(), resolution=0.05)
+    services = SimulatedNodeServices(driver, args.workdir)
+    services.start()
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    endpoints = {
+        "kubelet_socket": str(services.kubelet_socket),
+        "apiserver_url": services.apiserver_url,
+        "procfs_root": str(services.procfs_root),
+    }
+    print(json.dumps(endpoints), flush=True)
+    stopped.wait()
+    services.stop()
+
+
+if __name__ == "__main__":
+    main()
