@@ -49,6 +49,9 @@ EXAMPLE_QUERIES = [
     ("power draw per node, watts", "sum by (node) (gpu_power_watts)"),
     ("free MIG slots per profile", "sum by (mig_profile) (gpu_mig_instances_available)"),
     ("GPUs that are lost or failing", "gpu_up == 0"),
+    ("GPU processes with their pods", "gpu_process_info"),
+    ("GPU memory per namespace", "sum by (namespace) (gpu_process_memory_used_bytes)"),
+    ("devices held per team", "count by (label_team) (gpu_allocation_info)"),
 ]
 
 
@@ -151,7 +154,17 @@ def exporter_command(fleet: Path, node: str, port: int) -> list[str]:
     script = Path(sys.executable).parent / "gpu-exporter"
     base = [str(script)] if script.exists() else [sys.executable, "-m", "exporter.main"]
     listen = f"127.0.0.1:{port}"
-    return [*base, "--simulate", str(fleet), "--node", node, "--web.listen-address", listen]
+    return [
+        *base,
+        "--simulate",
+        str(fleet),
+        "--node",
+        node,
+        "--web.listen-address",
+        listen,
+        "--pod-labels",
+        "team,app",
+    ]
 
 
 def prometheus_config(targets: Sequence[str], scrape_interval: str) -> dict[str, Any]:
