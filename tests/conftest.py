@@ -244,9 +244,12 @@ def prometheus_launcher(
         rule_files: Sequence[str | Path] = (),
         config: dict[str, Any] | None = None,
         extra_args: Sequence[str] = (),
+        openmetrics: str | Path | None = None,
     ) -> PrometheusServer:
         workdir = tmp_path_factory.mktemp("prometheus")
         config_path = workdir / "prometheus.yml"
+        if openmetrics is not None:
+            _backfill(Path(openmetrics), workdir / "data")
         if config is None:
             config = prometheus_config(targets, scrape_interval, rule_files)
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -298,9 +301,11 @@ def prometheus_launcher(
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusFactory]:
     """Factory: start the real Prometheus on a free loopback port and wait until ready.
 
-    ``prometheus(targets, scrape_interval="1s", rule_files=(), config=None, extra_args=())``
-    returns a :class:`PrometheusServer`; every server started is stopped at teardown.
-    Pass ``config`` (a dict) to replace the generated configuration entirely.
+    ``prometheus(targets, scrape_interval="1s", rule_files=(), config=None, extra_args=(),
+    openmetrics=None)`` returns a :class:`PrometheusServer`; every server started is stopped
+    at teardown. Pass ``config`` (a dict) to replace the generated configuration entirely, and
+    ``openmetrics`` (an OpenMetrics file ending in ``# EOF``) to backfill history into the
+    TSDB with ``promtool tsdb create-blocks-from openmetrics`` before Prometheus starts.
     """
     with prometheus_launcher(tmp_path_factory) as start:
         yield start
@@ -311,6 +316,29 @@ def module_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prom
     """Like ``prometheus``, but servers live until the end of the test module."""
     with prometheus_launcher(tmp_path_factory) as start:
         yield start
+
+
+def _backfill(openmetrics: Path, data_dir: Path) -> None:
+    """Write TSDB blocks for an OpenMetrics file into ``data_dir``; fail with promtool's output."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [
+            _require_binary("promtool"),
+            "tsdb",
+            "create-blocks-from",
+            "openmetrics",
+            str(openmetrics),
+            str(data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.fail(
+            f"promtool could not backfill {openmetrics}:\n{result.stdout}{result.stderr}",
+            pytrace=False,
+        )
 
 
 def _wait_ready(server: PrometheusServer) -> bool:
