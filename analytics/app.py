@@ -1,0 +1,162 @@
+"""``create_app(config)``: the Flask application every API area hangs from.
+
+The app owns its dependencies (Prometheus client, clock, metrics registry) on
+``app.extensions``, so tests build as many apps as they like and inject fakes instead of
+patching globals. Areas are listed in :mod:`analytics.blueprints`; this module wires the
+envelope, authentication, the service's own metrics and the OpenAPI document around them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, cast
+
+from flask import Flask, Response, jsonify
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from analytics.auth import API_PREFIX, install_auth
+from analytics.blueprints import BLUEPRINT_MODULES, load_areas
+from analytics.config import Config, ConfigError
+from analytics.context import CLOCK_KEY, EXTENSION_KEY, Clock, Services, utc_now
+from analytics.envelope import ErrorCode, error_response, register_error_handlers, request_id
+from analytics.envelope import log as api_log
+from analytics.openapi import build_document
+from analytics.prometheus import (
+    PrometheusAuth,
+    PrometheusClient,
+    PrometheusQueryError,
+    PrometheusUnavailable,
+)
+from analytics.promql import InvalidParameter
+from analytics.telemetry import InstrumentedPrometheus, ServiceMetrics
+
+log = logging.getLogger("gpu-analytics")
+
+
+def prometheus_client_from_config(config: Config) -> PrometheusClient:
+    """The Prometheus client the configuration describes (auth read at config load)."""
+    settings = config.prometheus
+    auth: PrometheusAuth | None = None
+    if settings.bearer_token is not None:
+        auth = PrometheusAuth(bearer_token=settings.bearer_token)
+    elif settings.username is not None:
+        auth = PrometheusAuth(username=settings.username, password=settings.password)
+    return PrometheusClient(
+        settings.url,
+        timeout=settings.timeout_seconds,
+        retries=settings.retries,
+        auth=auth,
+    )
+
+
+def create_app(
+    config: Config,
+    *,
+    prometheus: PrometheusClient | None = None,
+    clock: Clock | None = None,
+    blueprint_modules: tuple[str, ...] = BLUEPRINT_MODULES,
+) -> Flask:
+    """Build the analytics app for ``config``.
+
+    ``prometheus`` replaces the client built from ``config.prometheus`` (tests inject a fake or
+    a client for a test server); ``clock`` returns "now" as an aware UTC datetime.
+    Raises :class:`ConfigError` if tokens are configured but none was loaded (fail closed).
+    """
+    if config.api_tokens_file is not None and not config.api_tokens:
+        raise ConfigError(
+            config.origin,
+            "api_tokens_file",
+            f"{config.api_tokens_file} was configured but no token was loaded",
+            "build the Config with load_config(), which reads the tokens",
+        )
+    app = Flask("analytics")
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the envelope's key order
+
+    registry = CollectorRegistry(auto_describe=True)
+    metrics = ServiceMetrics(registry)
+    client = prometheus if prometheus is not None else prometheus_client_from_config(config)
+    instrumented = InstrumentedPrometheus(
+        client, metrics, PrometheusUnavailable, PrometheusQueryError
+    )
+    ctx = Services(
+        config=config,
+        # Duck-typed proxy: same methods, plus timing and error counting.
+        prometheus=cast(PrometheusClient, instrumented),
+        clock=clock or utc_now,
+        registry=registry,
+        metrics=metrics,
+    )
+    app.extensions[EXTENSION_KEY] = ctx
+    app.extensions[CLOCK_KEY] = ctx.clock
+
+    metrics.install(app)
+    if config.api_tokens:
+        install_auth(app, config.api_tokens)
+    register_error_handlers(app)
+    _register_prometheus_errors(app)
+
+    areas = load_areas(blueprint_modules)
+    paths: dict[str, Any] = {}
+    for area in areas:
+        if area.api is not None:
+            app.register_blueprint(area.api, url_prefix=API_PREFIX)
+        if area.root is not None:
+            app.register_blueprint(area.root)
+        paths.update(area.openapi_paths)
+    document = build_document(paths, auth_enabled=bool(config.api_tokens))
+
+    @app.get("/metrics")
+    def own_metrics() -> Response:
+        """The service's own metrics, for Prometheus to scrape."""
+        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.get(f"{API_PREFIX}/openapi.json")
+    def openapi_document() -> Response:
+        """The OpenAPI 3.0 document of exactly what this app serves."""
+        return jsonify(document)
+
+    app.extensions["gpu_analytics_openapi"] = document
+    return app
+
+
+def _register_prometheus_errors(app: Flask) -> None:
+    """Map the Prometheus client's and PromQL validation's exceptions to the envelope."""
+
+    def unavailable(exc: PrometheusUnavailable) -> Response:
+        log.warning("Prometheus unavailable: %s", exc)
+        return error_response(
+            ErrorCode.SERVICE_UNAVAILABLE,
+            "Prometheus is not reachable; retry later",
+            {"reason": "prometheus_unavailable"},
+            headers={"Retry-After": "5"},
+        )
+
+    def query_error(exc: PrometheusQueryError) -> Response:
+        # bad_data means the query we built is wrong: our bug, a 500 with the query in the log.
+        # Anything else (execution: timeout, too many samples) is Prometheus unable to answer.
+        if exc.error_type == "bad_data":
+            rid = request_id()
+            api_log.error("Prometheus rejected query %r (request %s): %s", exc.query, rid, exc)
+            return error_response(
+                ErrorCode.INTERNAL_ERROR,
+                "internal error; the service log has the details under this request id",
+                {"requestId": rid},
+            )
+        log.warning("Prometheus failed query %r: %s", exc.query, exc)
+        return error_response(
+            ErrorCode.SERVICE_UNAVAILABLE,
+            "Prometheus could not answer the query; retry later",
+            {"reason": "prometheus_query_failed", "errorType": exc.error_type},
+            headers={"Retry-After": "5"},
+        )
+
+    def invalid(exc: InvalidParameter) -> Response:
+        return error_response(
+            ErrorCode.INVALID_PARAMETER,
+            f"invalid parameter {exc.field}: {exc.reason}",
+            {"field": exc.field, "reason": exc.reason},
+        )
+
+    app.register_error_handler(PrometheusUnavailable, unavailable)
+    app.register_error_handler(PrometheusQueryError, query_error)
+    app.register_error_handler(InvalidParameter, invalid)
