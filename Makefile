@@ -11,7 +11,7 @@ VENV_PY := $(VENV)/bin/python
 # Rebuilt whenever pyproject.toml changes.
 VENV_STAMP := $(VENV)/.installed-from-pyproject
 
-.PHONY: help system-deps venv lint test demo docs golden bench proto clean distclean
+.PHONY: help system-deps venv lint test demo docs golden bench proto rules clean distclean
 
 help:
 	@echo "make demo         run a simulated GPU fleet, its exporters and a real Prometheus"
@@ -21,6 +21,7 @@ help:
 	@echo "make golden       regenerate the golden exposition files"
 	@echo "make bench        run the exporter scrape benchmark"
 	@echo "make proto        regenerate the kubelet pod-resources gRPC code"
+	@echo "make rules        regenerate rules/pricing.yml from examples/pricing.yaml"
 	@echo "make system-deps  apt-get install prometheus and alertmanager if missing"
 	@echo "make venv         create .venv and install the project with test extras"
 	@echo "make clean        remove caches and demo state (distclean: the venv too)"
@@ -71,6 +72,9 @@ bench: venv
 
 proto: venv
 	bash scripts/gen-podresources.sh
+
+rules: venv
+	$(VENV_PY) -m analytics.pricing --pricing examples/pricing.yaml --out rules/pricing.yml
 
 clean:
 	rm -rf .demo build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache docs/metrics.md.tmp
