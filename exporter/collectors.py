@@ -12,14 +12,41 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-import pynvml
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from exporter import catalogue as m
 from exporter.attribution import Attribution
 from exporter.catalogue import MetricSpec
 from exporter.exposition import Sample
-from exporter.nvml import ErrorKind, Gpu, MigInstance, Nvml, SystemInfo
+from exporter.nvml import (
+    CLOCK_EVENT_REASONS,
+    NVML_CLOCK_MEM,
+    NVML_CLOCK_SM,
+    NVML_FEATURE_ENABLED,
+    NVML_FI_NVLINK_CRC_DATA_TOTAL,
+    NVML_FI_NVLINK_CRC_FLIT_TOTAL,
+    NVML_FI_NVLINK_RECOVERY_TOTAL,
+    NVML_FI_NVLINK_REPLAY_TOTAL,
+    NVML_FI_NVLINK_RX,
+    NVML_FI_NVLINK_TX,
+    NVML_GPM_GRAPHICS_UTIL,
+    NVML_GPM_SM_UTIL,
+    NVML_MEMORY_ERROR_TYPE_CORRECTED,
+    NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+    NVML_PCIE_UTIL_RX_BYTES,
+    NVML_PCIE_UTIL_TX_BYTES,
+    NVML_PSTATE_UNKNOWN,
+    NVML_RETIRED_DOUBLE_BIT,
+    NVML_RETIRED_SINGLE_BIT,
+    NVML_SUCCESS,
+    NVML_TEMPERATURE_GPU,
+    NVML_VOLATILE_ECC,
+    ErrorKind,
+    Gpu,
+    MigInstance,
+    Nvml,
+    SystemInfo,
+)
 from exporter.podresources import DeviceRef
 from exporter.units import kib_to_bytes, mhz_to_hertz, milli_to_base, percent_to_ratio
 
@@ -63,20 +90,6 @@ class Collector:
         yield from build_families(self.samples)
 
 
-# Clock-event (throttle) reason bits, named as the alert rules and dashboards use them.
-CLOCK_EVENT_REASONS: tuple[tuple[str, int], ...] = (
-    ("gpu_idle", pynvml.nvmlClocksEventReasonGpuIdle),
-    ("applications_clocks_setting", pynvml.nvmlClocksEventReasonApplicationsClocksSetting),
-    ("sw_power_cap", pynvml.nvmlClocksEventReasonSwPowerCap),
-    ("hw_slowdown", pynvml.nvmlClocksEventReasonHwSlowdown),
-    ("sync_boost", pynvml.nvmlClocksEventReasonSyncBoost),
-    ("sw_thermal_slowdown", pynvml.nvmlClocksEventReasonSwThermalSlowdown),
-    ("hw_thermal_slowdown", pynvml.nvmlClocksEventReasonHwThermalSlowdown),
-    ("hw_power_brake_slowdown", pynvml.nvmlClocksEventReasonHwPowerBrakeSlowdown),
-    ("display_clock_setting", pynvml.nvmlClocksEventReasonDisplayClockSetting),
-)
-
-
 class GpmSampler:
     """GPU Performance Monitoring: activity between this cycle's sample and the last one.
 
@@ -84,7 +97,7 @@ class GpmSampler:
     has no value (omitted, not zero). Samples of instances that vanish are freed.
     """
 
-    METRICS = (pynvml.NVML_GPM_METRIC_SM_UTIL, pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL)
+    METRICS = (NVML_GPM_SM_UTIL, NVML_GPM_GRAPHICS_UTIL)
 
     def __init__(self) -> None:
         self._previous: dict[tuple[str, int | None], Any] = {}
@@ -94,53 +107,26 @@ class GpmSampler:
     ) -> tuple[float | None, float | None]:
         """(SM activity, graphics activity) as 0-1 ratios, or None where there is none."""
         key = (gpu.uuid, gpu_instance)
-        try:
-            sample = pynvml.nvmlGpmSampleAlloc()
-        except pynvml.NVMLError:
-            return None, None
-        if gpu_instance is None:
-            taken = nvml.read(gpu, "nvmlGpmSampleGet", sample)
-        else:
-            taken = nvml.read(gpu, "nvmlGpmMigSampleGet", gpu_instance, sample)
-        if taken is None:
-            pynvml.nvmlGpmSampleFree(sample)
+        sample = nvml.gpm_sample(gpu, gpu_instance)
+        if sample is None:
             return None, None
         previous = self._previous.get(key)
         self._previous[key] = sample
         if previous is None:
             return None, None
         try:
-            return self._metrics(nvml, gpu, previous, sample)
+            sm, graphics = nvml.gpm_metrics(previous, sample, self.METRICS)
         finally:
-            pynvml.nvmlGpmSampleFree(previous)
+            nvml.gpm_free(previous)
+        return (
+            None if sm is None else percent_to_ratio(sm),
+            None if graphics is None else percent_to_ratio(graphics),
+        )
 
-    def _metrics(
-        self, nvml: Nvml, gpu: Gpu, first: Any, second: Any
-    ) -> tuple[float | None, float | None]:
-        request = pynvml.c_nvmlGpmMetricsGet_t()
-        request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
-        request.numMetrics = len(self.METRICS)
-        request.sample1, request.sample2 = first, second
-        for slot, metric_id in enumerate(self.METRICS):
-            request.metrics[slot].metricId = metric_id
-        try:
-            pynvml.nvmlGpmMetricsGet(request)
-        except pynvml.NVMLError as error:
-            from exporter.nvml import classify
-
-            nvml.count_error("nvmlGpmMetricsGet", classify(error))
-            return None, None
-        values = []
-        for slot in range(len(self.METRICS)):
-            metric = request.metrics[slot]
-            ok = metric.nvmlReturn == pynvml.NVML_SUCCESS
-            values.append(percent_to_ratio(metric.value) if ok else None)
-        return values[0], values[1]
-
-    def forget_except(self, gpu: Gpu, keep: set[int | None]) -> None:
+    def forget_except(self, nvml: Nvml, gpu: Gpu, keep: set[int | None]) -> None:
         """Free samples of this GPU's instances that no longer exist."""
         for key in [k for k in self._previous if k[0] == gpu.uuid and k[1] not in keep]:
-            pynvml.nvmlGpmSampleFree(self._previous.pop(key))
+            nvml.gpm_free(self._previous.pop(key))
 
 
 #: Device readings that are one NVML call, one unit conversion and one sample each:
@@ -148,24 +134,24 @@ class GpmSampler:
 _DEVICE_SCALARS: tuple[
     tuple[MetricSpec, str, tuple[int, ...], Callable[[float], float], tuple[str, ...]], ...
 ] = (
-    (m.GPU_TEMPERATURE, "nvmlDeviceGetTemperature", (pynvml.NVML_TEMPERATURE_GPU,), float, ()),
+    (m.GPU_TEMPERATURE, "nvmlDeviceGetTemperature", (NVML_TEMPERATURE_GPU,), float, ()),
     (m.GPU_POWER, "nvmlDeviceGetPowerUsage", (), milli_to_base, ()),
     (m.GPU_POWER_LIMIT, "nvmlDeviceGetEnforcedPowerLimit", (), milli_to_base, ()),
     (m.GPU_ENERGY, "nvmlDeviceGetTotalEnergyConsumption", (), milli_to_base, ()),
-    (m.GPU_CLOCK, "nvmlDeviceGetClockInfo", (pynvml.NVML_CLOCK_SM,), mhz_to_hertz, ("sm",)),
-    (m.GPU_CLOCK, "nvmlDeviceGetClockInfo", (pynvml.NVML_CLOCK_MEM,), mhz_to_hertz, ("memory",)),
+    (m.GPU_CLOCK, "nvmlDeviceGetClockInfo", (NVML_CLOCK_SM,), mhz_to_hertz, ("sm",)),
+    (m.GPU_CLOCK, "nvmlDeviceGetClockInfo", (NVML_CLOCK_MEM,), mhz_to_hertz, ("memory",)),
     (m.GPU_FAN_SPEED, "nvmlDeviceGetFanSpeed", (), percent_to_ratio, ()),
     (
         m.GPU_PCIE_THROUGHPUT,
         "nvmlDeviceGetPcieThroughput",
-        (pynvml.NVML_PCIE_UTIL_TX_BYTES,),
+        (NVML_PCIE_UTIL_TX_BYTES,),
         kib_to_bytes,
         ("tx",),
     ),
     (
         m.GPU_PCIE_THROUGHPUT,
         "nvmlDeviceGetPcieThroughput",
-        (pynvml.NVML_PCIE_UTIL_RX_BYTES,),
+        (NVML_PCIE_UTIL_RX_BYTES,),
         kib_to_bytes,
         ("rx",),
     ),
@@ -208,7 +194,7 @@ class DeviceCollector(Collector):
             if value is not None:
                 out.append((spec, (*labels, *extra_labels), convert(value)))
         pstate = read(gpu, "nvmlDeviceGetPerformanceState")
-        if pstate is not None and pstate != pynvml.NVML_PSTATE_UNKNOWN:
+        if pstate is not None and pstate != NVML_PSTATE_UNKNOWN:
             out.append((m.GPU_PERFORMANCE_STATE, labels, float(pstate)))
         reasons = nvml.read_first(
             gpu,
@@ -246,16 +232,16 @@ class EccCollector(Collector):
         labels = gpu.labels
         out: list[Sample] = []
         for error_type, code in (
-            ("corrected", pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED),
-            ("uncorrected", pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED),
+            ("corrected", NVML_MEMORY_ERROR_TYPE_CORRECTED),
+            ("uncorrected", NVML_MEMORY_ERROR_TYPE_UNCORRECTED),
         ):
             # Volatile counts reset with the driver, which Prometheus reads as a counter reset.
-            count = nvml.read(gpu, "nvmlDeviceGetTotalEccErrors", code, pynvml.NVML_VOLATILE_ECC)
+            count = nvml.read(gpu, "nvmlDeviceGetTotalEccErrors", code, NVML_VOLATILE_ECC)
             if count is not None:
                 out.append((m.GPU_ECC_ERRORS, (*labels, error_type), float(count)))
         for cause, code in (
-            ("single_bit", pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS),
-            ("double_bit", pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR),
+            ("single_bit", NVML_RETIRED_SINGLE_BIT),
+            ("double_bit", NVML_RETIRED_DOUBLE_BIT),
         ):
             pages = nvml.read(gpu, "nvmlDeviceGetRetiredPages", code)
             if pages is not None:
@@ -271,10 +257,10 @@ class EccCollector(Collector):
 
 
 NVLINK_ERROR_FIELDS = (
-    ("crc_flit", pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL),
-    ("crc_data", pynvml.NVML_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL),
-    ("replay", pynvml.NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL),
-    ("recovery", pynvml.NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL),
+    ("crc_flit", NVML_FI_NVLINK_CRC_FLIT_TOTAL),
+    ("crc_data", NVML_FI_NVLINK_CRC_DATA_TOTAL),
+    ("replay", NVML_FI_NVLINK_REPLAY_TOTAL),
+    ("recovery", NVML_FI_NVLINK_RECOVERY_TOTAL),
 )
 
 
@@ -290,13 +276,13 @@ class NvLinkCollector(Collector):
         active = sum(
             1
             for link in gpu.nvlink_links
-            if nvml.read(gpu, "nvmlDeviceGetNvLinkState", link) == pynvml.NVML_FEATURE_ENABLED
+            if nvml.read(gpu, "nvmlDeviceGetNvLinkState", link) == NVML_FEATURE_ENABLED
         )
         out: list[Sample] = [(m.GPU_NVLINK_LINKS_ACTIVE, labels, float(active))]
         fields: list[tuple[int, int]] = []
         for link in gpu.nvlink_links:
-            fields.append((pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, link))
-            fields.append((pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, link))
+            fields.append((NVML_FI_NVLINK_TX, link))
+            fields.append((NVML_FI_NVLINK_RX, link))
         fields.extend((field_id, 0) for _, field_id in NVLINK_ERROR_FIELDS)
         values = nvml.read(gpu, "nvmlDeviceGetFieldValues", tuple(fields))
         if values is None:
@@ -305,9 +291,9 @@ class NvLinkCollector(Collector):
         tx_seen = rx_seen = False
         for slot, (field_id, _) in enumerate(fields[: 2 * len(gpu.nvlink_links)]):
             entry = values[slot]
-            if entry.nvmlReturn != pynvml.NVML_SUCCESS:
+            if entry.nvmlReturn != NVML_SUCCESS:
                 continue
-            if field_id == pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX:
+            if field_id == NVML_FI_NVLINK_TX:
                 tx, tx_seen = tx + entry.value.ullVal, True
             else:
                 rx, rx_seen = rx + entry.value.ullVal, True
@@ -318,7 +304,7 @@ class NvLinkCollector(Collector):
         offset = 2 * len(gpu.nvlink_links)
         for slot, (error_type, _) in enumerate(NVLINK_ERROR_FIELDS):
             entry = values[offset + slot]
-            if entry.nvmlReturn == pynvml.NVML_SUCCESS:
+            if entry.nvmlReturn == NVML_SUCCESS:
                 count = float(entry.value.ullVal)
                 out.append((m.GPU_NVLINK_ERRORS, (*labels, error_type), count))
         return out
@@ -335,14 +321,14 @@ class MigCollector(Collector):
 
     def read_gpu(self, nvml: Nvml, gpu: Gpu) -> list[Sample]:
         if not gpu.mig_profiles or not nvml.mig_enabled(gpu):
-            self.gpm.forget_except(gpu, set())
+            self.gpm.forget_except(nvml, gpu, set())
             return []
         instances = nvml.mig_instances(gpu)
         out: list[Sample] = []
         activity_by_gi: dict[int, tuple[float | None, float | None]] = {}
         for instance in instances:
             out.extend(self._instance_samples(nvml, gpu, instance, activity_by_gi))
-        self.gpm.forget_except(gpu, set(activity_by_gi))
+        self.gpm.forget_except(nvml, gpu, set(activity_by_gi))
         out.extend(self._capacity_samples(nvml, gpu, instances))
         return out
 

@@ -25,6 +25,42 @@ import pynvml
 
 LABEL_VALUE_MAX = 128
 
+# NVML selectors, field ids and bit masks the collectors pass to `Nvml.read`, re-exported here
+# so that no other module of the exporter imports pynvml.
+NVML_TEMPERATURE_GPU: int = pynvml.NVML_TEMPERATURE_GPU
+NVML_CLOCK_SM: int = pynvml.NVML_CLOCK_SM
+NVML_CLOCK_MEM: int = pynvml.NVML_CLOCK_MEM
+NVML_PCIE_UTIL_TX_BYTES: int = pynvml.NVML_PCIE_UTIL_TX_BYTES
+NVML_PCIE_UTIL_RX_BYTES: int = pynvml.NVML_PCIE_UTIL_RX_BYTES
+NVML_PSTATE_UNKNOWN: int = pynvml.NVML_PSTATE_UNKNOWN
+NVML_FEATURE_ENABLED: int = pynvml.NVML_FEATURE_ENABLED
+NVML_SUCCESS: int = pynvml.NVML_SUCCESS
+NVML_MEMORY_ERROR_TYPE_CORRECTED: int = pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED
+NVML_MEMORY_ERROR_TYPE_UNCORRECTED: int = pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
+NVML_VOLATILE_ECC: int = pynvml.NVML_VOLATILE_ECC
+NVML_RETIRED_SINGLE_BIT: int = pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS
+NVML_RETIRED_DOUBLE_BIT: int = pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR
+NVML_FI_NVLINK_TX: int = pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX
+NVML_FI_NVLINK_RX: int = pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX
+NVML_FI_NVLINK_CRC_FLIT_TOTAL: int = pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL
+NVML_FI_NVLINK_CRC_DATA_TOTAL: int = pynvml.NVML_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL
+NVML_FI_NVLINK_REPLAY_TOTAL: int = pynvml.NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL
+NVML_FI_NVLINK_RECOVERY_TOTAL: int = pynvml.NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL
+NVML_GPM_SM_UTIL: int = pynvml.NVML_GPM_METRIC_SM_UTIL
+NVML_GPM_GRAPHICS_UTIL: int = pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL
+#: Clock-event (throttle) reason bits, by the names the alert rules and dashboards use.
+CLOCK_EVENT_REASONS: tuple[tuple[str, int], ...] = (
+    ("gpu_idle", pynvml.nvmlClocksEventReasonGpuIdle),
+    ("applications_clocks_setting", pynvml.nvmlClocksEventReasonApplicationsClocksSetting),
+    ("sw_power_cap", pynvml.nvmlClocksEventReasonSwPowerCap),
+    ("hw_slowdown", pynvml.nvmlClocksEventReasonHwSlowdown),
+    ("sync_boost", pynvml.nvmlClocksEventReasonSyncBoost),
+    ("sw_thermal_slowdown", pynvml.nvmlClocksEventReasonSwThermalSlowdown),
+    ("hw_thermal_slowdown", pynvml.nvmlClocksEventReasonHwThermalSlowdown),
+    ("hw_power_brake_slowdown", pynvml.nvmlClocksEventReasonHwPowerBrakeSlowdown),
+    ("display_clock_setting", pynvml.nvmlClocksEventReasonDisplayClockSetting),
+)
+
 
 class ErrorKind(enum.StrEnum):
     NOT_SUPPORTED = "not_supported"
@@ -418,6 +454,47 @@ class Nvml:
         ):
             return bounded_label(f"{attributes.computeInstanceSliceCount}c.{name}"), gi_profile
         return gi_profile, gi_profile
+
+    # -- GPU performance monitoring ----------------------------------------------------------
+    def gpm_sample(self, gpu: Gpu, gpu_instance: int | None) -> Any:
+        """A GPM sample of the whole GPU or of one GPU instance, taken now; None if unavailable.
+
+        The caller owns the sample and frees it with `gpm_free`.
+        """
+        try:
+            sample = pynvml.nvmlGpmSampleAlloc()
+        except pynvml.NVMLError as error:
+            self.count_error("nvmlGpmSampleAlloc", classify(error))
+            return None
+        if gpu_instance is None:
+            taken = self.read(gpu, "nvmlGpmSampleGet", sample)
+        else:
+            taken = self.read(gpu, "nvmlGpmMigSampleGet", gpu_instance, sample)
+        if taken is None:
+            self.gpm_free(sample)
+        return taken
+
+    def gpm_metrics(
+        self, first: Any, second: Any, metric_ids: tuple[int, ...]
+    ) -> list[float | None]:
+        """GPM metrics (percent) between two samples; None for a metric NVML cannot give."""
+        request = pynvml.c_nvmlGpmMetricsGet_t()
+        request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+        request.numMetrics = len(metric_ids)
+        request.sample1, request.sample2 = first, second
+        for slot, metric_id in enumerate(metric_ids):
+            request.metrics[slot].metricId = metric_id
+        try:
+            pynvml.nvmlGpmMetricsGet(request)
+        except pynvml.NVMLError as error:
+            self.count_error("nvmlGpmMetricsGet", classify(error))
+            return [None] * len(metric_ids)
+        metrics = [request.metrics[slot] for slot in range(len(metric_ids))]
+        return [m.value if m.nvmlReturn == pynvml.NVML_SUCCESS else None for m in metrics]
+
+    def gpm_free(self, sample: Any) -> None:
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlGpmSampleFree(sample)
 
     # -- events ------------------------------------------------------------------------------
     def open_xid_events(self, gpus: list[Gpu]) -> Any:
