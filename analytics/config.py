@@ -22,6 +22,7 @@ Keys (all optional; defaults in brackets)::
     listen: 0.0.0.0:8080                # [0.0.0.0:8080]
     api_tokens_file: tokens.txt         # bearer tokens for /api/v1, one per line or a YAML list
     refresh_seconds: 60                 # how often cached results are recomputed [60]
+    rules_interval_seconds: 60          # evaluation interval of the cost recording rules [60]
 
 Every scalar key has an environment override named after its path: ``GPU_ANALYTICS_`` plus the
 upper-cased path joined by ``_``, e.g. ``GPU_ANALYTICS_PROMETHEUS_URL``, ``GPU_ANALYTICS_LISTEN``.
@@ -101,6 +102,8 @@ class Config:
     api_tokens_file: Path | None = None
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
     refresh_seconds: float = 60.0
+    #: The cost rules' evaluation interval: each recorded sample stands for this long.
+    rules_interval_seconds: float = 60.0
     # Where the configuration came from, for messages ("<defaults>" when built in code).
     origin: str = "<defaults>"
 
@@ -313,6 +316,7 @@ _TOP_KEYS = (
     "listen",
     "api_tokens_file",
     "refresh_seconds",
+    "rules_interval_seconds",
 )
 _PROMETHEUS_KEYS = (
     "url",
@@ -442,6 +446,7 @@ def load_config(
         api_tokens_file=api_tokens_file,
         api_tokens=api_tokens,
         refresh_seconds=float(get("refresh_seconds", _positive, 60.0)),
+        rules_interval_seconds=float(get("rules_interval_seconds", _positive, 60.0)),
         origin=origin,
     )
 

@@ -24,7 +24,7 @@ from flask import Blueprint
 
 BLUEPRINT_MODULES: tuple[str, ...] = (
     "analytics.blueprints.health",
-    # "analytics.blueprints.cost",
+    "analytics.blueprints.cost",
     # "analytics.blueprints.devices",
     # "analytics.blueprints.mig",
     # "analytics.blueprints.allocations",

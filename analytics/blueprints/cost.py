@@ -1,0 +1,433 @@
+"""Cost: the seed's cost analysis, cost reports over any window, and cost per allocation.
+
+Every figure is read from the pricing rules' recorded series (``analytics.pricing``), so a
+90-day report sums a few recorded series in Prometheus instead of re-joining raw device
+series. The arithmetic lives in :mod:`analytics.cost`; this module parses requests, runs the
+queries and shapes the answers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+from flask import Blueprint, Response, request
+
+from analytics import cost, pricing
+from analytics.auth import API_PREFIX
+from analytics.context import services
+from analytics.envelope import success, utc_timestamp
+from analytics.openapi import operation, query_param
+from analytics.promql import validate_name
+
+api = Blueprint("cost", __name__)
+
+_TAG = "cost"
+
+
+def _interval() -> float:
+    """The cost rules' interval in seconds: each recorded sample stands for this long."""
+    return float(services().config.rules_interval_seconds)
+
+
+def _arg(name: str) -> str | None:
+    """A query parameter; an empty value counts as absent."""
+    value = request.args.get(name)
+    return value if value not in (None, "") else None
+
+
+def _filters() -> tuple[str | None, str | None]:
+    """The namespace and team filters, validated (Kubernetes rules) before reaching PromQL."""
+    namespace = _arg("namespace")
+    team = _arg("team")
+    if namespace is not None:
+        validate_name(namespace, "namespace", rule="dns-label")
+    if team is not None:
+        validate_name(team, "team", rule="label-value")
+    return namespace, team
+
+
+def _totals(
+    metric: str,
+    window: cost.Window,
+    by: Sequence[str],
+    aggregate: str,
+    filters: Mapping[str, str] | None = None,
+) -> dict[str, float]:
+    """key -> window total of ``metric`` (dollars, or GPU-hours for device shares)."""
+    query = cost.window_sum_query(metric, window, by, filters)
+    samples = services().prometheus.query(query, at=window.end.timestamp())
+    return cost.window_totals([(s.labels, s.value) for s in samples], by, aggregate, _interval())
+
+
+def _optional(
+    metric: str,
+    window: cost.Window,
+    by: Sequence[str],
+    aggregate: str,
+    filters: Mapping[str, str] | None = None,
+) -> dict[str, float] | None:
+    """Like :func:`_totals`, but None when nothing is recorded (unknown, not zero)."""
+    found = _totals(metric, window, by, aggregate, filters)
+    return found or None
+
+
+def _total(metric: str, window: cost.Window) -> float | None:
+    """The window total of a cluster-wide series; None when it has no samples in the window."""
+    found = _totals(metric, window, (), "cluster")
+    return found.get("") if found else None
+
+
+# -- /gpu/cost/analysis ------------------------------------------------------------------------
+
+
+@api.get("/gpu/cost/analysis")
+def cost_analysis() -> Response:
+    """The seed's cost analysis over the last ``days`` days, from the recorded cost series."""
+    days = cost.parse_int(
+        _arg("days"), "days", default=cost.DEFAULT_DAYS, low=1, high=cost.MAX_WINDOW_DAYS
+    )
+    now = services().clock()
+    end = now.astimezone(dt.UTC).replace(microsecond=0)
+    window = cost.Window(end - dt.timedelta(days=days), end)
+    allocated = _total(pricing.CLUSTER_ALLOCATED, window)
+    unallocated = _total(pricing.CLUSTER_UNALLOCATED, window)
+    total = (
+        None
+        if allocated is None and unallocated is None
+        else (allocated or 0.0) + (unallocated or 0.0)
+    )
+    data: dict[str, Any] = {
+        **cost.cost_summary(total, window.days),
+        "costByNamespace": cost.by_name(
+            _totals(pricing.NAMESPACE_COST, window, ("namespace",), "namespace")
+        ),
+        "costByTeam": cost.by_name(_totals(pricing.TEAM_COST, window, ("team",), "team")),
+        "costByModel": cost.by_name(_totals(pricing.MODEL_COST, window, ("model",), "model")),
+        "costByMigProfile": cost.by_name(
+            _totals(pricing.MIG_PROFILE_COST, window, ("mig_profile",), "mig_profile")
+        ),
+        "idleCost": {cost.UNALLOCATED: cost.money(unallocated)},
+        "totalCost": cost.money(total),
+        "allocatedCost": cost.money(allocated),
+        "potentialMonthlySavings": None,
+        "analysisDate": utc_timestamp(now),
+        "currency": cost.CURRENCY,
+        "window": window.describe(),
+    }
+    return success(data)
+
+
+# -- /gpu/cost/report --------------------------------------------------------------------------
+
+
+@api.get("/gpu/cost/report")
+def cost_report() -> Response:
+    """Cost by one aggregate over a window, with GPU-hours, efficiency and share; JSON or CSV."""
+    window = cost.parse_window(
+        now=services().clock(), window=_arg("window"), start=_arg("start"), end=_arg("end")
+    )
+    aggregate = cost.parse_choice(_arg("aggregate"), "aggregate", cost.AGGREGATES, "namespace")
+    fmt = cost.parse_choice(_arg("format"), "format", cost.FORMATS, "json")
+    namespace, team = _filters()
+    team_label = services().config.team_label
+    plan = cost.report_plan(aggregate, namespace=namespace, team=team, team_label=team_label)
+
+    costs = _totals(plan.cost_metric, window, plan.by, aggregate, plan.filters)
+    keys = plan.key_labels
+    gpu_hours = _optional(cost.POD_DEVICES, window, keys, aggregate, plan.filters)
+    measured = _optional(cost.POD_MEASURED_DEVICES, window, keys, aggregate, plan.filters)
+    utilized = _optional(cost.POD_UTILIZED_DEVICES, window, keys, aggregate, plan.filters)
+    unallocated: dict[str, float] | None = None
+    unallocated_hours: dict[str, float] | None = None
+    if plan.unallocated_metric is not None:
+        by = plan.unallocated_by
+        kind = aggregate if by else "cluster"
+        unallocated = _totals(plan.unallocated_metric, window, by, kind)
+        unallocated_hours = _optional(cost.DEVICE_UNALLOCATED_DEVICES, window, by, kind)
+        if not by:  # one cluster-wide row
+            unallocated = {cost.UNALLOCATED: sum(unallocated.values())} if unallocated else {}
+            if unallocated_hours is not None:
+                unallocated_hours = {cost.UNALLOCATED: sum(unallocated_hours.values())}
+    frame = cost.build_report(
+        costs,
+        unallocated=unallocated,
+        gpu_hours=gpu_hours,
+        utilized=utilized,
+        measured=measured,
+        unallocated_gpu_hours=unallocated_hours,
+    )
+    if fmt == "csv":
+        name = f"gpu-cost-{aggregate}-{window.start:%Y%m%dT%H%M%SZ}-{window.end:%Y%m%dT%H%M%SZ}"
+        return Response(
+            cost.report_csv(frame, window, aggregate),
+            mimetype="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
+        )
+    rows = cost.report_records(frame)
+    allocated_total = sum(r["cost"] or 0.0 for r in rows if r["kind"] == "allocated")
+    unallocated_total = sum(r["cost"] or 0.0 for r in rows if r["kind"] == cost.UNALLOCATED)
+    data = {
+        "aggregate": aggregate,
+        "window": window.describe(),
+        "currency": cost.CURRENCY,
+        "filters": {"namespace": namespace, "team": team},
+        "totalCost": cost.money(allocated_total + unallocated_total),
+        "allocatedCost": cost.money(allocated_total),
+        "unallocatedCost": cost.money(unallocated_total) if unallocated is not None else None,
+        "rows": rows,
+    }
+    return success(data)
+
+
+# -- /gpu/allocations/cost-statistics ----------------------------------------------------------
+
+
+@api.get("/gpu/allocations/cost-statistics")
+def allocation_cost_statistics() -> Response:
+    """Cost per allocation (one pod over the window): summary figures and the top N pods."""
+    days = cost.parse_int(
+        _arg("days"), "days", default=cost.DEFAULT_DAYS, low=1, high=cost.MAX_WINDOW_DAYS
+    )
+    top = cost.parse_int(_arg("top"), "top", default=10, low=1, high=1000)
+    namespace, team = _filters()
+    team_label = services().config.team_label
+    end = services().clock().astimezone(dt.UTC).replace(microsecond=0)
+    window = cost.Window(end - dt.timedelta(days=days), end)
+    filters: dict[str, str] = {}
+    if namespace is not None:
+        filters["namespace"] = namespace
+    if team is not None:
+        filters[team_label] = team
+    by = ("namespace", "pod", team_label)
+    costs = _totals(pricing.POD_COST, window, by, "pod", filters)
+    hours = _optional(cost.POD_DEVICES, window, by, "pod", filters)
+    measured = _optional(cost.POD_MEASURED_DEVICES, window, by, "pod", filters)
+    utilized = _optional(cost.POD_UTILIZED_DEVICES, window, by, "pod", filters)
+    records = []
+    for key, dollars in costs.items():
+        ns, pod, pod_team = key.split("/", 2)
+        records.append(
+            {
+                "namespace": ns,
+                "pod": pod,
+                "team": pod_team or None,
+                "cost": dollars,
+                "gpuHours": hours.get(key) if hours is not None else None,
+                "efficiency": cost.efficiency(
+                    utilized.get(key) if utilized is not None else None,
+                    measured.get(key) if measured is not None else None,
+                ),
+            }
+        )
+    frame = pd.DataFrame.from_records(
+        records, columns=["namespace", "pod", "team", "cost", "gpuHours", "efficiency"]
+    )
+    data = {
+        "window": window.describe(),
+        "currency": cost.CURRENCY,
+        "filters": {"namespace": namespace, "team": team},
+        **cost.allocation_statistics(frame, top),
+    }
+    return success(data)
+
+
+# -- OpenAPI -----------------------------------------------------------------------------------
+
+_MONEY = {"type": "number", "nullable": True, "description": "US dollars"}
+_BY_NAME = {"type": "object", "additionalProperties": {"type": "number"}}
+_WINDOW = {
+    "type": "object",
+    "properties": {
+        "start": {"type": "string", "format": "date-time"},
+        "end": {"type": "string", "format": "date-time"},
+        "days": {"type": "number"},
+    },
+}
+_FILTERS = {
+    "type": "object",
+    "properties": {
+        "namespace": {"type": "string", "nullable": True},
+        "team": {"type": "string", "nullable": True},
+    },
+}
+_DAYS = query_param(
+    "days",
+    {"type": "integer", "minimum": 1, "maximum": cost.MAX_WINDOW_DAYS, "default": 7},
+    "Window: the last N days, ending now.",
+)
+_NAMESPACE = query_param(
+    "namespace", {"type": "string"}, "Only pods in this namespace (a DNS-1123 label)."
+)
+_TEAM = query_param(
+    "team", {"type": "string"}, "Only pods whose team label has this value (a label value)."
+)
+_NULLABLE_RATIO = {"type": "number", "nullable": True, "minimum": 0, "maximum": 1}
+
+_ANALYSIS = operation(
+    summary="GPU cost analysis over the last N days (the seed's fields, plus by model and MIG)",
+    tag=_TAG,
+    operation_id="getGpuCostAnalysis",
+    description=(
+        "Dollars from the pricing rules' recorded series over (now - days, now]. dailyCost is "
+        "the window's total (allocated plus unallocated capacity) per day; weeklyCost and "
+        "monthlyCost project it to 7 and 30 days. costBy* maps name to dollars (pods without a "
+        "team label sum under '(none)'). idleCost.unallocated is priced capacity no pod held. "
+        "potentialMonthlySavings is null: it needs idle detection (allocated but unused GPUs), "
+        "which a later release adds."
+    ),
+    parameters=[_DAYS],
+    errors=(400, 503),
+    data={
+        "type": "object",
+        "properties": {
+            "dailyCost": _MONEY,
+            "weeklyCost": _MONEY,
+            "monthlyCost": _MONEY,
+            "costByNamespace": _BY_NAME,
+            "costByTeam": _BY_NAME,
+            "costByModel": _BY_NAME,
+            "costByMigProfile": _BY_NAME,
+            "idleCost": {"type": "object", "properties": {"unallocated": _MONEY}},
+            "totalCost": _MONEY,
+            "allocatedCost": _MONEY,
+            "potentialMonthlySavings": {
+                "type": "number",
+                "nullable": True,
+                "description": "Always null for now: idle detection is a later release.",
+            },
+            "analysisDate": {"type": "string", "format": "date-time"},
+            "currency": {"type": "string", "enum": [cost.CURRENCY]},
+            "window": _WINDOW,
+        },
+    },
+)
+
+_ROW = {
+    "type": "object",
+    "properties": {
+        "kind": {"type": "string", "enum": ["allocated", cost.UNALLOCATED]},
+        "key": {
+            "type": "string",
+            "description": "The aggregate's value (namespace/pod for pods); 'unallocated' for "
+            "the cluster's idle capacity when the aggregate is not node or model.",
+        },
+        "cost": _MONEY,
+        "gpuHours": {
+            "type": "number",
+            "nullable": True,
+            "description": "GPU-equivalents held times hours (a MIG instance counts k/7, a "
+            "time-sliced share 1/n); null where the GPU-share series is not recorded.",
+        },
+        "efficiency": {
+            **_NULLABLE_RATIO,
+            "description": "Held devices' utilization, weighted by GPU-hours held; null when "
+            "unknown.",
+        },
+        "share": {**_NULLABLE_RATIO, "description": "Part of the report's total cost."},
+    },
+}
+
+_REPORT = operation(
+    summary="GPU cost report over a window, by namespace, team, pod, node, model or MIG profile",
+    tag=_TAG,
+    operation_id="getGpuCostReport",
+    description=(
+        "The window is (start, end]: either `window` back from `end` (default now), or "
+        "`start` and optional `end`; at most 90 days. Rows: allocated cost per key, dearest "
+        "first, then unallocated (idle) capacity as rows of kind 'unallocated' (per node or "
+        "model for those aggregates, one cluster row otherwise; none when filtered). "
+        "format=csv answers text/csv with columns " + ",".join(cost.CSV_COLUMNS) + "."
+    ),
+    parameters=[
+        query_param(
+            "window",
+            {"type": "string", "pattern": "^[1-9][0-9]*[hdw]$", "default": "7d"},
+            "Window length ending at `end`: 24h, 7d, 30d, 2w.",
+        ),
+        query_param(
+            "start", {"type": "string"}, "Window start, RFC 3339 or Unix seconds (not with window)."
+        ),
+        query_param("end", {"type": "string"}, "Window end, RFC 3339 or Unix seconds; now."),
+        query_param(
+            "aggregate",
+            {"type": "string", "enum": list(cost.AGGREGATES), "default": "namespace"},
+            "What one row is.",
+        ),
+        query_param(
+            "format",
+            {"type": "string", "enum": list(cost.FORMATS), "default": "json"},
+            "json (the envelope) or csv (a spreadsheet).",
+        ),
+        _NAMESPACE,
+        _TEAM,
+    ],
+    errors=(400, 503),
+    data={
+        "type": "object",
+        "properties": {
+            "aggregate": {"type": "string", "enum": list(cost.AGGREGATES)},
+            "window": _WINDOW,
+            "currency": {"type": "string"},
+            "filters": _FILTERS,
+            "totalCost": _MONEY,
+            "allocatedCost": _MONEY,
+            "unallocatedCost": _MONEY,
+            "rows": {"type": "array", "items": _ROW},
+        },
+    },
+)
+_REPORT["responses"]["200"]["content"]["text/csv"] = {"schema": {"type": "string"}}
+
+_ALLOCATION = {
+    "type": "object",
+    "properties": {
+        "namespace": {"type": "string"},
+        "pod": {"type": "string"},
+        "team": {"type": "string", "nullable": True},
+        "cost": _MONEY,
+        "gpuHours": {"type": "number", "nullable": True},
+        "costPerGpuHour": _MONEY,
+        "efficiency": _NULLABLE_RATIO,
+        "share": _NULLABLE_RATIO,
+    },
+}
+
+_STATISTICS = operation(
+    summary="Cost per allocation (a pod over the last N days): summary and the top N pods",
+    tag=_TAG,
+    operation_id="getGpuAllocationCostStatistics",
+    parameters=[
+        _DAYS,
+        query_param(
+            "top",
+            {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
+            "How many of the dearest pods to list.",
+        ),
+        _NAMESPACE,
+        _TEAM,
+    ],
+    errors=(400, 503),
+    data={
+        "type": "object",
+        "properties": {
+            "window": _WINDOW,
+            "currency": {"type": "string"},
+            "filters": _FILTERS,
+            "allocationCount": {"type": "integer"},
+            "totalCost": _MONEY,
+            "averageCostPerAllocation": _MONEY,
+            "medianCostPerAllocation": _MONEY,
+            "maxCostPerAllocation": _MONEY,
+            "topAllocations": {"type": "array", "items": _ALLOCATION},
+        },
+    },
+)
+
+OPENAPI_PATHS: dict[str, Any] = {
+    f"{API_PREFIX}/gpu/cost/analysis": {"get": _ANALYSIS},
+    f"{API_PREFIX}/gpu/cost/report": {"get": _REPORT},
+    f"{API_PREFIX}/gpu/allocations/cost-statistics": {"get": _STATISTICS},
+}
