@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="kubeconfig for the pod informer when not running in a cluster (env KUBECONFIG)",
     )
     parser.add_argument(
+        "--apiserver-url",
+        default=env("GPU_EXPORTER_APISERVER_URL"),
+        help="a Kubernetes API URL that needs no credentials (kubectl proxy, the simulator) "
+        "instead of in-cluster config or --kubeconfig (env GPU_EXPORTER_APISERVER_URL)",
+    )
+    parser.add_argument(
         "--procfs",
         default=env("GPU_EXPORTER_PROCFS", "/proc"),
         help="the host's /proc, to map GPU processes to pods; needs hostPID "
@@ -213,7 +219,7 @@ def build_attribution(
         return Attribution(pod_resources=None, informer=None, procfs=None), None
     api_client = (
         api_client_for_url(args.apiserver_url)
-        if getattr(args, "apiserver_url", None)
+        if args.apiserver_url
         else api_client_from_environment(args.kubeconfig)
     )
     informer = PodInformer(api_client, node) if api_client is not None else None
@@ -262,7 +268,7 @@ def _install_simulator(
         args.kubelet_socket = str(services.kubelet_socket)
     if args.procfs == "/proc":
         args.procfs = str(services.procfs_root)
-    if args.kubeconfig is None:
+    if args.kubeconfig is None and args.apiserver_url is None:
         args.apiserver_url = services.apiserver_url
     return clock.now, services
 
