@@ -245,11 +245,13 @@ def prometheus_launcher(
         config: dict[str, Any] | None = None,
         extra_args: Sequence[str] = (),
         openmetrics: str | Path | None = None,
+        data_dir: str | Path | None = None,
     ) -> PrometheusServer:
         workdir = tmp_path_factory.mktemp("prometheus")
         config_path = workdir / "prometheus.yml"
+        storage = workdir / "data" if data_dir is None else Path(data_dir)
         if openmetrics is not None:
-            _backfill(Path(openmetrics), workdir / "data")
+            _backfill(Path(openmetrics), storage)
         if config is None:
             config = prometheus_config(targets, scrape_interval, rule_files)
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -263,7 +265,7 @@ def prometheus_launcher(
                     [
                         binary,
                         f"--config.file={config_path}",
-                        f"--storage.tsdb.path={workdir / 'data'}",
+                        f"--storage.tsdb.path={storage}",
                         f"--web.listen-address=127.0.0.1:{port}",
                         "--web.enable-lifecycle",
                         "--log.level=warn",
@@ -306,6 +308,9 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusF
     at teardown. Pass ``config`` (a dict) to replace the generated configuration entirely, and
     ``openmetrics`` (an OpenMetrics file ending in ``# EOF``) to backfill history into the
     TSDB with ``promtool tsdb create-blocks-from openmetrics`` before Prometheus starts.
+    Pass ``data_dir`` to serve an existing TSDB directory (e.g. one filled by
+    ``exporter.simulator.history.backfill``) instead of a fresh one; add
+    ``--storage.tsdb.retention.time`` to ``extra_args`` when its history is longer than 15 days.
     """
     with prometheus_launcher(tmp_path_factory) as start:
         yield start

@@ -1,0 +1,49 @@
+"""What a simulated fleet's GPUs cost, straight from the fleet file and the pricing file.
+
+The ground truth the cost reports are held to: at time t, each Running pod pays for the
+devices it holds (whole GPUs at the model's price, MIG instances at their profile's price),
+a device held by several pods (time-slicing) split evenly between them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+from analytics.pricing import load_pricing
+from exporter.simulator.fleet import Fleet
+from exporter.simulator.pods import PodSpec, allocations_at, pods_at
+
+REPO = Path(__file__).resolve().parents[1]
+PRICING = REPO / "examples" / "pricing.yaml"
+
+
+def by_namespace(pod: PodSpec) -> str:
+    return pod.namespace
+
+
+def expected_cost_per_hour(
+    fleet: Fleet, node: str, t: float, key: Callable[[PodSpec], str] = by_namespace
+) -> dict[str, float]:
+    """$/h at t per key (namespace by default) of the devices Running pods hold."""
+    pricing = load_pricing(PRICING)
+    sim = fleet.nodes[node]
+    running = {(p.namespace, p.name): p for p in pods_at(fleet, node, t) if p.phase == "Running"}
+    holders: dict[tuple[int, int | None], set[tuple[str, str]]] = defaultdict(set)
+    for a in allocations_at(fleet, node, t):
+        if (a.namespace, a.pod) in running:
+            holders[(a.claim.gpu, a.claim.gpu_instance)].add((a.namespace, a.pod))
+    cost: dict[str, float] = defaultdict(float)
+    for (gpu, gi), pods in holders.items():
+        g = sim.gpus[gpu]
+        if gi is None:
+            price = pricing.device_price(g.model.name)
+        else:
+            instance = g.instance(gi)
+            assert instance is not None
+            price = pricing.mig_price(g.model.name, instance.profile.key)
+        assert price is not None
+        for pod in pods:
+            cost[key(running[pod])] += price / len(pods)
+    return dict(cost)
