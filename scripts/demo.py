@@ -109,6 +109,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="start everything, check that targets are up and data queryable, then stop",
     )
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for startup")
+    parser.add_argument("--analytics-port", type=int, default=8080, help="gpu-analytics port")
+    parser.add_argument(
+        "--history-days",
+        type=float,
+        default=7.0,
+        help="days of simulated history backfilled before Prometheus starts (0: none), so "
+        "cost reports have data at once",
+    )
     return parser.parse_args(argv)
 
 
@@ -271,7 +279,7 @@ class Demo:
             raise DemoError("prometheus not found on PATH: run `make demo`, which installs it")
         nodes = node_names(self.fleet)
         self.exporters = {node: self.args.exporter_base_port + i for i, node in enumerate(nodes)}
-        ports = {self.args.prometheus_port: "Prometheus"}
+        ports = {self.args.prometheus_port: "Prometheus", self.args.analytics_port: "analytics"}
         for node, port in self.exporters.items():
             if port in ports:
                 raise DemoError(f"port {port} is both {ports[port]} and exporter for {node}")
@@ -281,6 +289,7 @@ class Demo:
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.prom_dir.mkdir(parents=True, exist_ok=True)
         print(f"fleet {self.fleet}: {len(nodes)} nodes; logs in {self.logdir}", flush=True)
+        self.backfill_history()
 
         for node, port in self.exporters.items():
             self.spawn(f"exporter-{node}", exporter_command(self.fleet, node, port))
@@ -305,6 +314,8 @@ class Demo:
                 f"--storage.tsdb.path={self.prom_dir / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.args.prometheus_port}",
                 "--web.enable-lifecycle",
+                # Retention counts back from the newest block: keep all the backfilled days.
+                f"--storage.tsdb.retention.time={max(15, int(self.args.history_days) + 8)}d",
             ],
         )
         self.wait_until(
@@ -319,6 +330,69 @@ class Demo:
             self.args.timeout,
             detail=self.target_errors,
         )
+
+        self.start_analytics()
+
+    def backfill_history(self) -> None:
+        """Days of the fleet's history, raw and recorded (the pricing rules), in a fresh TSDB.
+
+        It ends now, with the labels the live scrape adds, so the live series continue it.
+        """
+        data = self.prom_dir / "data"
+        shutil.rmtree(data, ignore_errors=True)
+        days = self.args.history_days
+        if days <= 0:
+            return
+        from exporter.simulator import load_fleet
+        from exporter.simulator.history import backfill
+
+        step = 300.0
+        end = time.time() // step * step
+        print(f"backfilling {days:g} days of history (about a minute)", flush=True)
+        began = time.monotonic()
+        backfill(
+            load_fleet(self.fleet),
+            data,
+            start=end - days * 86400,
+            end=end,
+            step=step,
+            target_labels=lambda node: {
+                "job": "gpu-exporter",
+                "instance": f"127.0.0.1:{self.exporters[node]}",
+            },
+            rule_files=sorted(RULES_DIR.glob("*.yml")),
+        )
+        print(f"history ready in {time.monotonic() - began:.0f} s", flush=True)
+
+    def start_analytics(self) -> None:
+        """gpu-analytics over this Prometheus, priced by examples/pricing.yaml."""
+        config = {
+            "prometheus": {"url": self.prom_url},
+            "pricing_file": str(REPO_ROOT / "examples" / "pricing.yaml"),
+            "listen": f"127.0.0.1:{self.args.analytics_port}",
+        }
+        config_path = self.workdir / "analytics.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        script = Path(sys.executable).parent / "gpu-analytics"
+        base = [str(script)] if script.exists() else [sys.executable, "-m", "analytics.main"]
+        self.spawn("analytics", [*base, "--config", str(config_path)])
+        self.wait_until(
+            f"the analytics service ({self.analytics_url}/healthz)",
+            functools.partial(is_healthy, f"{self.analytics_url}/healthz"),
+            self.args.timeout,
+        )
+
+    @property
+    def analytics_url(self) -> str:
+        return f"http://127.0.0.1:{self.args.analytics_port}"
+
+    def cost_analysis(self) -> dict[str, Any]:
+        """The 7-day cost analysis, as a user would fetch it."""
+        status, body = http_get(f"{self.analytics_url}/api/v1/gpu/cost/analysis?days=7", 30)
+        if status != 200:
+            raise DemoError(f"cost analysis answered {status}: {body[:300]!r}")
+        data: dict[str, Any] = json.loads(body)["data"]
+        return data
 
     def targets_up(self) -> int:
         active = prom_api(self.prom_url, "/api/v1/targets", {"state": "active"})["activeTargets"]
@@ -338,13 +412,16 @@ class Demo:
         return {sample["metric"].get("node", "") for sample in result["result"]}
 
     def verify(self) -> None:
-        """Check that the data arrived: Prometheus has gpu_up series from every node."""
+        """Check that the data arrived: Prometheus has gpu_up series from every node, and with
+        history the analytics reports a cost for the last 7 days."""
         self.wait_until(
             "gpu_up series from every node",
             lambda: self.nodes_reporting() == set(self.exporters),
             self.args.timeout,
             detail=lambda: f"no gpu_up from {sorted(set(self.exporters) - self.nodes_reporting())}",
         )
+        if self.args.history_days > 0 and not self.cost_analysis().get("totalCost"):
+            raise DemoError("the 7-day cost analysis is empty despite the backfilled history")
 
     def summary(self) -> str:
         graph = f"{self.prom_url}/graph?g0.tab=0&g0.expr="
@@ -369,10 +446,37 @@ class Demo:
         lines += [
             "",
             f"  Open one as a graph: {graph}{urllib.parse.quote('gpu_utilization_ratio')}",
-            f"  Logs and Prometheus data: {self.workdir}",
             "",
+            f"  Analytics API     {self.analytics_url}/api/v1   (OpenAPI: /api/v1/openapi.json)",
         ]
+        lines += self.cost_summary()
+        lines += ["", f"  Logs and Prometheus data: {self.workdir}", ""]
         return "\n".join(lines)
+
+    def cost_summary(self) -> list[str]:
+        try:
+            analysis = self.cost_analysis()
+        except (DemoError, OSError, ValueError) as exc:
+            return [f"  (cost analysis not available yet: {exc})"]
+
+        def money(value: Any) -> str:
+            return "n/a" if value is None else f"${value:,.2f}"
+
+        lines = [
+            "",
+            f"  GPU cost, last 7 days ({self.analytics_url}/api/v1/gpu/cost/analysis?days=7):",
+            f"    per day {money(analysis['dailyCost'])}, projected per month "
+            f"{money(analysis['monthlyCost'])}, unallocated capacity "
+            f"{money((analysis.get('idleCost') or {}).get('unallocated'))}",
+        ]
+        for title, field in (("by namespace", "costByNamespace"), ("by team", "costByTeam")):
+            parts = [f"{name} {money(value)}" for name, value in analysis[field].items()]
+            lines.append(f"    {title}: " + ", ".join(parts))
+        lines.append(
+            f"    CSV by team: {self.analytics_url}/api/v1/gpu/cost/report"
+            "?window=7d&aggregate=team&format=csv"
+        )
+        return lines
 
     def run_forever(self) -> None:
         print("Press Ctrl-C to stop.", flush=True)

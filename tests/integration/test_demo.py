@@ -42,11 +42,16 @@ def test_demo_once_starts_fleet_and_prometheus_then_stops(
     tmp_path: Path, free_port_block: Callable[[int], int]
 ) -> None:
     nodes = _node_names()
-    base = free_port_block(len(nodes) + 1)
+    base = free_port_block(len(nodes) + 2)
     prometheus_port = base + len(nodes)
+    analytics_port = prometheus_port + 1
 
     result = _run_demo(
         "--once",
+        "--history-days",
+        "1",
+        "--analytics-port",
+        str(analytics_port),
         "--prometheus-port",
         str(prometheus_port),
         "--exporter-base-port",
@@ -64,11 +69,15 @@ def test_demo_once_starts_fleet_and_prometheus_then_stops(
         assert node in result.stdout
         assert f"http://127.0.0.1:{base + i}/metrics" in result.stdout
     assert "demo stopped" in result.stdout
+    # The analytics service answered a cost analysis over the backfilled day.
+    assert f"http://127.0.0.1:{analytics_port}/api/v1" in result.stdout
+    cost_lines = [line for line in result.stdout.splitlines() if "by namespace:" in line]
+    assert cost_lines and "training $" in cost_lines[0], result.stdout
     config = yaml.safe_load((tmp_path / "demo" / "prometheus" / "prometheus.yml").read_text())
     targets = config["scrape_configs"][0]["static_configs"][0]["targets"]
     assert targets == [f"127.0.0.1:{base + i}" for i in range(len(nodes))]
     # Everything it started has stopped: the ports are free again.
-    for port in [prometheus_port, *range(base, base + len(nodes))]:
+    for port in [prometheus_port, analytics_port, *range(base, base + len(nodes))]:
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", port))
@@ -77,7 +86,7 @@ def test_demo_once_starts_fleet_and_prometheus_then_stops(
 def test_demo_names_the_port_that_is_taken(
     tmp_path: Path, free_port_block: Callable[[int], int]
 ) -> None:
-    base = free_port_block(len(_node_names()) + 1)
+    base = free_port_block(len(_node_names()) + 2)
     with socket.socket() as squatter:
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", base))
@@ -87,6 +96,8 @@ def test_demo_names_the_port_that_is_taken(
             "--once",
             "--prometheus-port",
             str(base + len(_node_names())),
+            "--analytics-port",
+            str(base + len(_node_names()) + 1),
             "--exporter-base-port",
             str(base),
             "--workdir",
