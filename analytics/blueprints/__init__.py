@@ -23,13 +23,10 @@ from typing import Any
 from flask import Blueprint
 
 BLUEPRINT_MODULES: tuple[str, ...] = (
-    "analytics.blueprints.health",
-    "analytics.blueprints.cost",
-    # "analytics.blueprints.devices",
-    # "analytics.blueprints.mig",
-    # "analytics.blueprints.allocations",
-    # "analytics.blueprints.metrics",
-    # "analytics.blueprints.overview",
+    "analytics.blueprints.health",  # probes, /gpu/health
+    "analytics.blueprints.cost",  # /gpu/cost/*, /gpu/allocations/cost-statistics
+    "analytics.blueprints.usage",  # /gpu/allocations, /gpu/metrics/*, /gpu/overview
+    "analytics.blueprints.devices",  # /gpu/devices*, /gpu/mig/*
 )
 
 

@@ -1,0 +1,334 @@
+"""Devices and MIG: the exporter's GPUs and MIG instances as they are at the latest instant.
+
+Every figure is an instant query of the exporter's metrics at the service clock's "now"
+(Prometheus' 5-minute lookback applies); the shaping lives in :mod:`analytics.devices`.
+Request values reach PromQL only through :func:`analytics.promql.selector`, after validation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from flask import Blueprint, Response, request
+
+from analytics import devices
+from analytics.auth import API_PREFIX
+from analytics.context import services
+from analytics.envelope import not_found, success
+from analytics.openapi import operation, path_param, query_param
+from analytics.promql import selector, validate_label_value, validate_name
+
+api = Blueprint("devices", __name__)
+
+_TAG = "devices"
+_MIG_TAG = "mig"
+
+
+def _arg(name: str) -> str | None:
+    """A query parameter; an empty value counts as absent."""
+    value = request.args.get(name)
+    return value if value not in (None, "") else None
+
+
+def _read(metrics: Sequence[str], **labels: str | None) -> devices.Readings:
+    """Instant-query each metric, filtered by ``labels`` (validated values), at the clock's now."""
+    at = services().clock().timestamp()
+    prometheus = services().prometheus
+    return {
+        metric: [(s.labels, s.value) for s in prometheus.query(selector(metric, **labels), at=at)]
+        for metric in metrics
+    }
+
+
+def _device_id(value: str) -> str:
+    """A GPU UUID from the path, validated before it reaches PromQL."""
+    return validate_label_value(value, "deviceId")
+
+
+def _one_device(device_id: str) -> dict[str, Any]:
+    """The GPU with this UUID, or 404 RESOURCE_NOT_FOUND."""
+    found = devices.build_devices(_read(devices.DEVICE_METRICS, uuid=device_id))
+    if not found:
+        raise not_found("device", device_id)
+    return found[0]
+
+
+# -- devices -----------------------------------------------------------------------------------
+
+
+@api.get("/gpu/devices")
+def list_devices() -> Response:
+    """Every GPU, optionally filtered by node, model and status."""
+    node = _arg("nodeName")
+    model = _arg("modelId")
+    if node is not None:
+        validate_name(node, "nodeName")
+    if model is not None:
+        validate_label_value(model, "modelId")
+    status = devices.parse_status(_arg("status"))
+    found = devices.build_devices(_read(devices.DEVICE_METRICS, node=node, model=model))
+    if status is not None:
+        found = [d for d in found if d["status"] == status]
+    return success(found)
+
+
+@api.get("/gpu/devices/statistics")
+def device_statistics() -> Response:
+    """Counts by model, status and node; average utilization and memory use."""
+    return success(devices.device_statistics(devices.build_devices(_read(devices.DEVICE_METRICS))))
+
+
+@api.get("/gpu/devices/overheating")
+def overheating_devices() -> Response:
+    """GPUs hotter than ``threshold`` degrees Celsius (default 85)."""
+    threshold = devices.parse_threshold(_arg("threshold"))
+    found = devices.build_devices(_read(devices.DEVICE_METRICS))
+    return success(
+        {"thresholdCelsius": threshold, "devices": devices.overheating(found, threshold)}
+    )
+
+
+@api.get("/gpu/devices/<deviceId>")
+def get_device(deviceId: str) -> Response:
+    """One GPU and its MIG instances."""
+    device_id = _device_id(deviceId)
+    device = _one_device(device_id)
+    device["migInstances"] = devices.build_mig_instances(_read(devices.MIG_METRICS, uuid=device_id))
+    return success(device)
+
+
+# -- MIG ---------------------------------------------------------------------------------------
+
+
+@api.get("/gpu/mig/available")
+def mig_available() -> Response:
+    """Per GPU and MIG profile: capacity, instances that exist, and instances still creatable."""
+    return success(devices.build_mig_capacity(_read(devices.CAPACITY_METRICS)))
+
+
+@api.get("/gpu/mig/devices/<deviceId>")
+def mig_device(deviceId: str) -> Response:
+    """The MIG instances of one GPU (empty when the GPU is not in MIG mode)."""
+    device_id = _device_id(deviceId)
+    device = _one_device(device_id)
+    instances = devices.build_mig_instances(_read(devices.MIG_METRICS, uuid=device_id))
+    return success(
+        {
+            "deviceId": device_id,
+            "node": device["node"],
+            "migMode": device["migMode"],
+            "instances": instances,
+        }
+    )
+
+
+@api.get("/gpu/mig/statistics")
+def mig_statistics() -> Response:
+    """MIG instances by profile: allocated vs free, and mean SM activity where known."""
+    return success(devices.mig_statistics(devices.build_mig_instances(_read(devices.MIG_METRICS))))
+
+
+# -- OpenAPI -----------------------------------------------------------------------------------
+
+_NUM = {"type": "number", "nullable": True}
+_INT = {"type": "integer", "nullable": True}
+_RATIO = {"type": "number", "nullable": True, "minimum": 0, "maximum": 1}
+_PODS = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {"namespace": {"type": "string"}, "pod": {"type": "string"}},
+    },
+}
+_DEVICE_PROPS: dict[str, Any] = {
+    "deviceId": {"type": "string", "description": "The GPU UUID."},
+    "node": {"type": "string"},
+    "index": _INT,
+    "modelName": {"type": "string"},
+    "pciBusId": {"type": "string"},
+    "migMode": {"type": "string", "nullable": True, "enum": ["enabled", "disabled", "unsupported"]},
+    "driverVersion": {"type": "string", "nullable": True},
+    "status": {"type": "string", "enum": list(devices.STATUSES)},
+    "utilization": {**_RATIO, "description": "Null when unknown (e.g. MIG mode)."},
+    "memoryUsedBytes": _INT,
+    "memoryTotalBytes": _INT,
+    "temperatureCelsius": _NUM,
+    "powerWatts": _NUM,
+    "allocatedTo": _PODS,
+}
+_DEVICE = {"type": "object", "properties": _DEVICE_PROPS}
+_MIG_INSTANCE = {
+    "type": "object",
+    "properties": {
+        "deviceId": {"type": "string"},
+        "node": {"type": "string"},
+        "index": _INT,
+        "profile": {"type": "string"},
+        "gpuInstance": _INT,
+        "computeInstance": _INT,
+        "migUuid": {"type": "string"},
+        "memoryUsedBytes": _INT,
+        "memoryTotalBytes": _INT,
+        "smActivity": {**_RATIO, "description": "Null where the GPU has no GPM."},
+        "allocatedTo": _PODS,
+    },
+}
+_COUNTS = {"type": "object", "additionalProperties": {"type": "integer"}}
+_DEVICE_ID = path_param("deviceId", "The GPU UUID.")
+_ERRORS_LIST = (400, 503)
+_ERRORS_ONE = (400, 404, 503)
+
+_LIST = operation(
+    summary="All GPUs at the latest instant",
+    tag=_TAG,
+    operation_id="listGpuDevices",
+    description="Status: FAILED when gpu_up is 0, MIG_ENABLED in MIG mode, else ACTIVE.",
+    parameters=[
+        query_param("nodeName", {"type": "string"}, "Only GPUs of this node (a DNS-1123 name)."),
+        query_param("modelId", {"type": "string"}, "Only GPUs of this model (model label)."),
+        query_param(
+            "status",
+            {"type": "string", "enum": list(devices.STATUSES)},
+            "Only GPUs in this status (case-insensitive).",
+        ),
+    ],
+    errors=_ERRORS_LIST,
+    data={"type": "array", "items": _DEVICE},
+)
+_ONE = operation(
+    summary="One GPU with its MIG instances",
+    tag=_TAG,
+    operation_id="getGpuDevice",
+    parameters=[_DEVICE_ID],
+    errors=_ERRORS_ONE,
+    data={
+        "type": "object",
+        "properties": {
+            **_DEVICE_PROPS,
+            "migInstances": {"type": "array", "items": _MIG_INSTANCE},
+        },
+    },
+)
+_STATISTICS = operation(
+    summary="GPU counts by model, status and node; average utilization and memory use",
+    tag=_TAG,
+    operation_id="getGpuDeviceStatistics",
+    errors=(503,),
+    data={
+        "type": "object",
+        "properties": {
+            "totalDevices": {"type": "integer"},
+            "byModel": _COUNTS,
+            "byStatus": _COUNTS,
+            "byNode": _COUNTS,
+            "allocatedDevices": {"type": "integer"},
+            "averageUtilization": _RATIO,
+            "averageMemoryUsedBytes": _NUM,
+            "memoryUsedRatio": _RATIO,
+            "averageTemperatureCelsius": _NUM,
+            "totalPowerWatts": _NUM,
+        },
+    },
+)
+_OVERHEATING = operation(
+    summary="GPUs above a temperature threshold, hottest first",
+    tag=_TAG,
+    operation_id="listOverheatingGpuDevices",
+    parameters=[
+        query_param(
+            "threshold",
+            {
+                "type": "number",
+                "minimum": 0,
+                "maximum": devices.MAX_OVERHEAT_C,
+                "default": devices.DEFAULT_OVERHEAT_C,
+            },
+            "Degrees Celsius; GPUs strictly above it are listed.",
+        )
+    ],
+    errors=_ERRORS_LIST,
+    data={
+        "type": "object",
+        "properties": {
+            "thresholdCelsius": {"type": "number"},
+            "devices": {"type": "array", "items": _DEVICE},
+        },
+    },
+)
+_AVAILABLE = operation(
+    summary="MIG capacity per GPU and profile",
+    tag=_MIG_TAG,
+    operation_id="listAvailableMigInstances",
+    description="From gpu_mig_instance_capacity, gpu_mig_instances and "
+    "gpu_mig_instances_available; null where the exporter did not report one.",
+    errors=(503,),
+    data={
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {
+                "deviceId": {"type": "string"},
+                "node": {"type": "string"},
+                "index": _INT,
+                "modelName": {"type": "string"},
+                "profile": {"type": "string"},
+                "capacity": _INT,
+                "instances": _INT,
+                "available": _INT,
+            },
+        },
+    },
+)
+_MIG_DEVICE = operation(
+    summary="The MIG instances of one GPU",
+    tag=_MIG_TAG,
+    operation_id="getMigDevice",
+    parameters=[_DEVICE_ID],
+    errors=_ERRORS_ONE,
+    data={
+        "type": "object",
+        "properties": {
+            "deviceId": {"type": "string"},
+            "node": {"type": "string"},
+            "migMode": {"type": "string", "nullable": True},
+            "instances": {"type": "array", "items": _MIG_INSTANCE},
+        },
+    },
+)
+_PROFILE_STATS = {
+    "type": "object",
+    "properties": {
+        "instances": {"type": "integer"},
+        "allocated": {"type": "integer"},
+        "free": {"type": "integer"},
+        "averageSmActivity": _RATIO,
+    },
+}
+_MIG_STATISTICS = operation(
+    summary="MIG instances by profile: allocated vs free, average SM activity where known",
+    tag=_MIG_TAG,
+    operation_id="getMigStatistics",
+    errors=(503,),
+    data={
+        "type": "object",
+        "properties": {
+            "totalInstances": {"type": "integer"},
+            "allocatedInstances": {"type": "integer"},
+            "freeInstances": {"type": "integer"},
+            "averageSmActivity": _RATIO,
+            "devices": {"type": "integer"},
+            "byProfile": {"type": "object", "additionalProperties": _PROFILE_STATS},
+        },
+    },
+)
+
+OPENAPI_PATHS: dict[str, Any] = {
+    f"{API_PREFIX}/gpu/devices": {"get": _LIST},
+    f"{API_PREFIX}/gpu/devices/statistics": {"get": _STATISTICS},
+    f"{API_PREFIX}/gpu/devices/overheating": {"get": _OVERHEATING},
+    f"{API_PREFIX}/gpu/devices/{{deviceId}}": {"get": _ONE},
+    f"{API_PREFIX}/gpu/mig/available": {"get": _AVAILABLE},
+    f"{API_PREFIX}/gpu/mig/devices/{{deviceId}}": {"get": _MIG_DEVICE},
+    f"{API_PREFIX}/gpu/mig/statistics": {"get": _MIG_STATISTICS},
+}
