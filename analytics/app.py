@@ -21,6 +21,7 @@ from analytics.context import CLOCK_KEY, EXTENSION_KEY, Clock, Services, utc_now
 from analytics.envelope import ErrorCode, error_response, register_error_handlers, request_id
 from analytics.envelope import log as api_log
 from analytics.openapi import build_document
+from analytics.pricing import load_pricing
 from analytics.prometheus import (
     PrometheusAuth,
     PrometheusClient,
@@ -78,8 +79,12 @@ def create_app(
     instrumented = InstrumentedPrometheus(
         client, metrics, PrometheusUnavailable, PrometheusQueryError
     )
+    # A broken pricing file stops start-up (PricingError names file, key and fix), rather
+    # than failing the first request that needs prices.
+    prices = load_pricing(config.pricing_file) if config.pricing_file is not None else None
     ctx = Services(
         config=config,
+        pricing=prices,
         # Duck-typed proxy: same methods, plus timing and error counting.
         prometheus=cast(PrometheusClient, instrumented),
         clock=clock or utc_now,

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from analytics.config import Config
 
 if TYPE_CHECKING:
+    from analytics.pricing import Pricing
     from analytics.prometheus import PrometheusClient
     from analytics.telemetry import ServiceMetrics
 
@@ -40,6 +41,8 @@ class Services:
     clock: Clock
     registry: CollectorRegistry
     metrics: ServiceMetrics
+    #: The pricing file's contents when one is configured (read once, at start-up).
+    pricing: Pricing | None = None
 
 
 def services(app: Flask | None = None) -> Services:

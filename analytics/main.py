@@ -26,6 +26,7 @@ from types import FrameType
 from typing import Any
 
 from analytics.config import ConfigError, load_config, parse_listen
+from analytics.pricing import PricingError
 
 log = logging.getLogger("gpu-analytics")
 
@@ -147,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from analytics.app import create_app
 
         app = create_app(config)
-    except ConfigError as exc:
+    except (ConfigError, PricingError) as exc:
         # One line, naming file, key and fix; exit 2 like a usage error.
         print(f"gpu-analytics: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -18,7 +18,7 @@ from flask import Blueprint, Response, request
 from analytics import cost, pricing
 from analytics.auth import API_PREFIX
 from analytics.context import services
-from analytics.envelope import success, utc_timestamp
+from analytics.envelope import ApiError, ErrorCode, success, utc_timestamp
 from analytics.openapi import operation, query_param
 from analytics.promql import validate_name
 
@@ -426,7 +426,46 @@ _STATISTICS = operation(
     },
 )
 
+
+@api.get("/gpu/cost/pricing-rules")
+def pricing_rules() -> Response:
+    """The configured pricing as Prometheus recording rules, ready for a rule file.
+
+    The same text `gpu-analytics rules` writes: load it into Prometheus (or the Helm chart's
+    PrometheusRule) so that Prometheus records cost every interval.
+    """
+    ctx = services()
+    if ctx.pricing is None:
+        raise ApiError(
+            ErrorCode.RESOURCE_NOT_FOUND,
+            "no pricing_file is configured",
+            {"fix": "set pricing_file in the analytics configuration"},
+        )
+    seconds = int(ctx.config.rules_interval_seconds)
+    interval = f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"
+    text = pricing.render_rules(ctx.pricing, interval=interval, team_label=ctx.config.team_label)
+    return success({"interval": interval, "teamLabel": ctx.config.team_label, "rules": text})
+
+
+_PRICING_RULES = operation(
+    summary="The pricing as Prometheus recording rules (YAML text)",
+    tag=_TAG,
+    description="The rule file `gpu-analytics rules` writes, generated from the configured "
+    "pricing file; 404 when none is configured.",
+    data={
+        "type": "object",
+        "properties": {
+            "interval": {"type": "string"},
+            "teamLabel": {"type": "string"},
+            "rules": {"type": "string", "description": "a Prometheus rule file, YAML"},
+        },
+    },
+    errors=(404,),
+)
+
+
 OPENAPI_PATHS: dict[str, Any] = {
+    f"{API_PREFIX}/gpu/cost/pricing-rules": {"get": _PRICING_RULES},
     f"{API_PREFIX}/gpu/cost/analysis": {"get": _ANALYSIS},
     f"{API_PREFIX}/gpu/cost/report": {"get": _REPORT},
     f"{API_PREFIX}/gpu/allocations/cost-statistics": {"get": _STATISTICS},
