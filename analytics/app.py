@@ -29,7 +29,7 @@ from analytics.prometheus import (
     PrometheusUnavailable,
 )
 from analytics.promql import InvalidParameter
-from analytics.telemetry import InstrumentedPrometheus, ServiceMetrics
+from analytics.telemetry import CostMetrics, InstrumentedPrometheus, ServiceMetrics
 
 log = logging.getLogger("gpu-analytics")
 
@@ -90,6 +90,9 @@ def create_app(
         clock=clock or utc_now,
         registry=registry,
         metrics=metrics,
+    )
+    registry.register(
+        CostMetrics(ctx.prometheus, config.team_label, refresh_seconds=config.refresh_seconds)
     )
     app.extensions[EXTENSION_KEY] = ctx
     app.extensions[CLOCK_KEY] = ctx.clock

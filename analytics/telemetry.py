@@ -9,12 +9,14 @@ blueprint catches and degrades around are counted too.
 from __future__ import annotations
 
 import functools
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Flask, Response, g, request
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "<unmatched>"
@@ -121,3 +123,88 @@ class InstrumentedPrometheus:
             return result
 
         return call
+
+
+class CostMetrics:
+    """The service's results as metrics: current GPU cost per hour by namespace and by team.
+
+    Read from the recorded pricing series by a background refresh every `refresh_seconds`, so
+    a scrape of /metrics never waits on Prometheus. Until the first refresh succeeds nothing
+    is published (never a made-up 0); if a refresh fails, the last values stay and
+    `gpu_analytics_cost_refresh_success` says 0.
+    """
+
+    def __init__(self, prometheus: Any, team_label: str, refresh_seconds: float) -> None:
+        self._prometheus = prometheus
+        self._team_label = team_label
+        self._refresh_seconds = refresh_seconds
+        self._lock = threading.Lock()
+        self._values: dict[str, dict[str, float]] = {}
+        self._success: bool | None = None
+        self._thread: threading.Thread | None = None
+
+    def refresh(self) -> None:
+        """Query the recorded cost rates once (the background thread calls this)."""
+        from analytics import pricing
+
+        try:
+            values = {
+                "namespace": self._latest(pricing.NAMESPACE_COST, "namespace"),
+                "team": self._latest(pricing.TEAM_COST, "team"),
+            }
+        except Exception:  # an outage or a bad answer: keep what we had, say it failed
+            with self._lock:
+                self._success = False
+            return
+        with self._lock:
+            self._values, self._success = values, True
+
+    def _latest(self, metric: str, label: str) -> dict[str, float]:
+        samples = self._prometheus.query(f"sum by ({label}) ({metric})")
+        return {str(s.labels.get(label, "")): float(s.value) for s in samples}
+
+    def describe(self) -> Iterator[Metric]:
+        """Families without samples: registering does not start the refresh thread."""
+        yield GaugeMetricFamily("gpu_analytics_namespace_cost_dollars_per_hour", "", labels=[])
+        yield GaugeMetricFamily("gpu_analytics_team_cost_dollars_per_hour", "", labels=[])
+        yield GaugeMetricFamily("gpu_analytics_cost_refresh_success", "", labels=[])
+
+    def collect(self) -> Iterator[Metric]:
+        self._ensure_refreshing()
+        with self._lock:
+            values, success = dict(self._values), self._success
+        namespaces = GaugeMetricFamily(
+            "gpu_analytics_namespace_cost_dollars_per_hour",
+            "GPU cost per hour of each namespace now, in US dollars, from the pricing rules.",
+            labels=["namespace"],
+        )
+        for name, value in sorted(values.get("namespace", {}).items()):
+            namespaces.add_metric([name], value)
+        teams = GaugeMetricFamily(
+            "gpu_analytics_team_cost_dollars_per_hour",
+            "GPU cost per hour of each team now, in US dollars (team '' when pods have none).",
+            labels=["team"],
+        )
+        for name, value in sorted(values.get("team", {}).items()):
+            teams.add_metric([name], value)
+        yield namespaces
+        yield teams
+        if success is not None:
+            yield GaugeMetricFamily(
+                "gpu_analytics_cost_refresh_success",
+                "1 when the last refresh of the cost metrics from Prometheus succeeded, else 0.",
+                value=1.0 if success else 0.0,
+            )
+
+    def _ensure_refreshing(self) -> None:
+        """Start the refresh thread on the first scrape (apps built in tests never start it)."""
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="cost-metrics", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self.refresh()
+            time.sleep(self._refresh_seconds)
