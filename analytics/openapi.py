@@ -42,6 +42,14 @@ _ERRORS: dict[int, tuple[str, str, tuple[ErrorCode, ...]]] = {
 }
 
 
+# Schema atoms the API areas share: values may be null where the data does not say.
+NULLABLE_NUMBER: dict[str, Any] = {"type": "number", "nullable": True}
+NULLABLE_INTEGER: dict[str, Any] = {"type": "integer", "nullable": True}
+NULLABLE_STRING: dict[str, Any] = {"type": "string", "nullable": True}
+NULLABLE_RATIO: dict[str, Any] = {"type": "number", "nullable": True, "minimum": 0, "maximum": 1}
+DOLLARS: dict[str, Any] = {"type": "number", "nullable": True, "description": "US dollars"}
+
+
 def ref(name: str) -> dict[str, str]:
     """A ``$ref`` to ``#/components/schemas/<name>``."""
     return {"$ref": f"#/components/schemas/{name}"}

@@ -19,7 +19,7 @@ from analytics import cost, pricing
 from analytics.auth import API_PREFIX
 from analytics.context import services
 from analytics.envelope import ApiError, ErrorCode, success, utc_timestamp
-from analytics.openapi import operation, query_param
+from analytics.openapi import DOLLARS, NULLABLE_RATIO, operation, query_param
 from analytics.promql import validate_name
 
 api = Blueprint("cost", __name__)
@@ -236,7 +236,6 @@ def allocation_cost_statistics() -> Response:
 
 # -- OpenAPI -----------------------------------------------------------------------------------
 
-_MONEY = {"type": "number", "nullable": True, "description": "US dollars"}
 _BY_NAME = {"type": "object", "additionalProperties": {"type": "number"}}
 _WINDOW = {
     "type": "object",
@@ -264,7 +263,6 @@ _NAMESPACE = query_param(
 _TEAM = query_param(
     "team", {"type": "string"}, "Only pods whose team label has this value (a label value)."
 )
-_NULLABLE_RATIO = {"type": "number", "nullable": True, "minimum": 0, "maximum": 1}
 
 _ANALYSIS = operation(
     summary="GPU cost analysis over the last N days (the seed's fields, plus by model and MIG)",
@@ -283,16 +281,16 @@ _ANALYSIS = operation(
     data={
         "type": "object",
         "properties": {
-            "dailyCost": _MONEY,
-            "weeklyCost": _MONEY,
-            "monthlyCost": _MONEY,
+            "dailyCost": DOLLARS,
+            "weeklyCost": DOLLARS,
+            "monthlyCost": DOLLARS,
             "costByNamespace": _BY_NAME,
             "costByTeam": _BY_NAME,
             "costByModel": _BY_NAME,
             "costByMigProfile": _BY_NAME,
-            "idleCost": {"type": "object", "properties": {"unallocated": _MONEY}},
-            "totalCost": _MONEY,
-            "allocatedCost": _MONEY,
+            "idleCost": {"type": "object", "properties": {"unallocated": DOLLARS}},
+            "totalCost": DOLLARS,
+            "allocatedCost": DOLLARS,
             "potentialMonthlySavings": {
                 "type": "number",
                 "nullable": True,
@@ -314,7 +312,7 @@ _ROW = {
             "description": "The aggregate's value (namespace/pod for pods); 'unallocated' for "
             "the cluster's idle capacity when the aggregate is not node or model.",
         },
-        "cost": _MONEY,
+        "cost": DOLLARS,
         "gpuHours": {
             "type": "number",
             "nullable": True,
@@ -322,11 +320,11 @@ _ROW = {
             "time-sliced share 1/n); null where the GPU-share series is not recorded.",
         },
         "efficiency": {
-            **_NULLABLE_RATIO,
+            **NULLABLE_RATIO,
             "description": "Held devices' utilization, weighted by GPU-hours held; null when "
             "unknown.",
         },
-        "share": {**_NULLABLE_RATIO, "description": "Part of the report's total cost."},
+        "share": {**NULLABLE_RATIO, "description": "Part of the report's total cost."},
     },
 }
 
@@ -372,9 +370,9 @@ _REPORT = operation(
             "window": _WINDOW,
             "currency": {"type": "string"},
             "filters": _FILTERS,
-            "totalCost": _MONEY,
-            "allocatedCost": _MONEY,
-            "unallocatedCost": _MONEY,
+            "totalCost": DOLLARS,
+            "allocatedCost": DOLLARS,
+            "unallocatedCost": DOLLARS,
             "rows": {"type": "array", "items": _ROW},
         },
     },
@@ -387,11 +385,11 @@ _ALLOCATION = {
         "namespace": {"type": "string"},
         "pod": {"type": "string"},
         "team": {"type": "string", "nullable": True},
-        "cost": _MONEY,
+        "cost": DOLLARS,
         "gpuHours": {"type": "number", "nullable": True},
-        "costPerGpuHour": _MONEY,
-        "efficiency": _NULLABLE_RATIO,
-        "share": _NULLABLE_RATIO,
+        "costPerGpuHour": DOLLARS,
+        "efficiency": NULLABLE_RATIO,
+        "share": NULLABLE_RATIO,
     },
 }
 
@@ -417,10 +415,10 @@ _STATISTICS = operation(
             "currency": {"type": "string"},
             "filters": _FILTERS,
             "allocationCount": {"type": "integer"},
-            "totalCost": _MONEY,
-            "averageCostPerAllocation": _MONEY,
-            "medianCostPerAllocation": _MONEY,
-            "maxCostPerAllocation": _MONEY,
+            "totalCost": DOLLARS,
+            "averageCostPerAllocation": DOLLARS,
+            "medianCostPerAllocation": DOLLARS,
+            "maxCostPerAllocation": DOLLARS,
             "topAllocations": {"type": "array", "items": _ALLOCATION},
         },
     },

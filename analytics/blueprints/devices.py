@@ -16,7 +16,14 @@ from analytics import devices
 from analytics.auth import API_PREFIX
 from analytics.context import services
 from analytics.envelope import not_found, success
-from analytics.openapi import operation, path_param, query_param
+from analytics.openapi import (
+    NULLABLE_INTEGER,
+    NULLABLE_NUMBER,
+    NULLABLE_RATIO,
+    operation,
+    path_param,
+    query_param,
+)
 from analytics.promql import selector, validate_label_value, validate_name
 
 api = Blueprint("devices", __name__)
@@ -131,9 +138,6 @@ def mig_statistics() -> Response:
 
 # -- OpenAPI -----------------------------------------------------------------------------------
 
-_NUM = {"type": "number", "nullable": True}
-_INT = {"type": "integer", "nullable": True}
-_RATIO = {"type": "number", "nullable": True, "minimum": 0, "maximum": 1}
 _PODS = {
     "type": "array",
     "items": {
@@ -144,17 +148,17 @@ _PODS = {
 _DEVICE_PROPS: dict[str, Any] = {
     "deviceId": {"type": "string", "description": "The GPU UUID."},
     "node": {"type": "string"},
-    "index": _INT,
+    "index": NULLABLE_INTEGER,
     "modelName": {"type": "string"},
     "pciBusId": {"type": "string"},
     "migMode": {"type": "string", "nullable": True, "enum": ["enabled", "disabled", "unsupported"]},
     "driverVersion": {"type": "string", "nullable": True},
     "status": {"type": "string", "enum": list(devices.STATUSES)},
-    "utilization": {**_RATIO, "description": "Null when unknown (e.g. MIG mode)."},
-    "memoryUsedBytes": _INT,
-    "memoryTotalBytes": _INT,
-    "temperatureCelsius": _NUM,
-    "powerWatts": _NUM,
+    "utilization": {**NULLABLE_RATIO, "description": "Null when unknown (e.g. MIG mode)."},
+    "memoryUsedBytes": NULLABLE_INTEGER,
+    "memoryTotalBytes": NULLABLE_INTEGER,
+    "temperatureCelsius": NULLABLE_NUMBER,
+    "powerWatts": NULLABLE_NUMBER,
     "allocatedTo": _PODS,
 }
 _DEVICE = {"type": "object", "properties": _DEVICE_PROPS}
@@ -163,14 +167,14 @@ _MIG_INSTANCE = {
     "properties": {
         "deviceId": {"type": "string"},
         "node": {"type": "string"},
-        "index": _INT,
+        "index": NULLABLE_INTEGER,
         "profile": {"type": "string"},
-        "gpuInstance": _INT,
-        "computeInstance": _INT,
+        "gpuInstance": NULLABLE_INTEGER,
+        "computeInstance": NULLABLE_INTEGER,
         "migUuid": {"type": "string"},
-        "memoryUsedBytes": _INT,
-        "memoryTotalBytes": _INT,
-        "smActivity": {**_RATIO, "description": "Null where the GPU has no GPM."},
+        "memoryUsedBytes": NULLABLE_INTEGER,
+        "memoryTotalBytes": NULLABLE_INTEGER,
+        "smActivity": {**NULLABLE_RATIO, "description": "Null where the GPU has no GPM."},
         "allocatedTo": _PODS,
     },
 }
@@ -223,11 +227,11 @@ _STATISTICS = operation(
             "byStatus": _COUNTS,
             "byNode": _COUNTS,
             "allocatedDevices": {"type": "integer"},
-            "averageUtilization": _RATIO,
-            "averageMemoryUsedBytes": _NUM,
-            "memoryUsedRatio": _RATIO,
-            "averageTemperatureCelsius": _NUM,
-            "totalPowerWatts": _NUM,
+            "averageUtilization": NULLABLE_RATIO,
+            "averageMemoryUsedBytes": NULLABLE_NUMBER,
+            "memoryUsedRatio": NULLABLE_RATIO,
+            "averageTemperatureCelsius": NULLABLE_NUMBER,
+            "totalPowerWatts": NULLABLE_NUMBER,
         },
     },
 )
@@ -270,12 +274,12 @@ _AVAILABLE = operation(
             "properties": {
                 "deviceId": {"type": "string"},
                 "node": {"type": "string"},
-                "index": _INT,
+                "index": NULLABLE_INTEGER,
                 "modelName": {"type": "string"},
                 "profile": {"type": "string"},
-                "capacity": _INT,
-                "instances": _INT,
-                "available": _INT,
+                "capacity": NULLABLE_INTEGER,
+                "instances": NULLABLE_INTEGER,
+                "available": NULLABLE_INTEGER,
             },
         },
     },
@@ -302,7 +306,7 @@ _PROFILE_STATS = {
         "instances": {"type": "integer"},
         "allocated": {"type": "integer"},
         "free": {"type": "integer"},
-        "averageSmActivity": _RATIO,
+        "averageSmActivity": NULLABLE_RATIO,
     },
 }
 _MIG_STATISTICS = operation(
@@ -316,7 +320,7 @@ _MIG_STATISTICS = operation(
             "totalInstances": {"type": "integer"},
             "allocatedInstances": {"type": "integer"},
             "freeInstances": {"type": "integer"},
-            "averageSmActivity": _RATIO,
+            "averageSmActivity": NULLABLE_RATIO,
             "devices": {"type": "integer"},
             "byProfile": {"type": "object", "additionalProperties": _PROFILE_STATS},
         },

@@ -14,7 +14,7 @@ from analytics import cost, pricing, usage
 from analytics.auth import API_PREFIX
 from analytics.context import services
 from analytics.envelope import success, utc_timestamp
-from analytics.openapi import operation, query_param
+from analytics.openapi import NULLABLE_NUMBER, NULLABLE_STRING, operation, query_param
 from analytics.promql import selector, validate_name
 
 api = Blueprint("usage", __name__)
@@ -128,8 +128,6 @@ def overview() -> Response:
 
 # -- OpenAPI -----------------------------------------------------------------------------------
 
-_NUM = {"type": "number", "nullable": True}
-_STR = {"type": "string", "nullable": True}
 _HOURS_PARAM = query_param(
     "hours",
     {"type": "integer", "minimum": 1, "maximum": usage.MAX_HOURS, "default": usage.DEFAULT_HOURS},
@@ -139,11 +137,11 @@ _STATS = {
     "type": "object",
     "properties": {
         "deviceCount": {"type": "integer"},
-        "avgGpuUtilization": _NUM,
-        "maxGpuUtilization": _NUM,
-        "avgMemoryUtilization": _NUM,
-        "avgTemperature": _NUM,
-        "gpuHours": _NUM,
+        "avgGpuUtilization": NULLABLE_NUMBER,
+        "maxGpuUtilization": NULLABLE_NUMBER,
+        "avgMemoryUtilization": NULLABLE_NUMBER,
+        "avgTemperature": NULLABLE_NUMBER,
+        "gpuHours": NULLABLE_NUMBER,
     },
 }
 _DEVICE_STATS = {
@@ -151,12 +149,12 @@ _DEVICE_STATS = {
     "properties": {
         "node": {"type": "string"},
         "deviceId": {"type": "string"},
-        "modelName": _STR,
-        "avgGpuUtilization": _NUM,
-        "maxGpuUtilization": _NUM,
-        "avgMemoryUtilization": _NUM,
-        "avgTemperature": _NUM,
-        "gpuHours": _NUM,
+        "modelName": NULLABLE_STRING,
+        "avgGpuUtilization": NULLABLE_NUMBER,
+        "maxGpuUtilization": NULLABLE_NUMBER,
+        "avgMemoryUtilization": NULLABLE_NUMBER,
+        "avgTemperature": NULLABLE_NUMBER,
+        "gpuHours": NULLABLE_NUMBER,
         "samples": {"type": "integer"},
     },
 }
@@ -166,14 +164,14 @@ _ALLOCATION = {
         "allocationId": {"type": "string", "description": "namespace/pod/device uuid"},
         "namespace": {"type": "string"},
         "pod": {"type": "string"},
-        "container": _STR,
-        "team": _STR,
-        "resource": _STR,
+        "container": NULLABLE_STRING,
+        "team": NULLABLE_STRING,
+        "resource": NULLABLE_STRING,
         "resourceType": {"type": "string", "enum": ["GPU", "MIG_INSTANCE", "SHARED_GPU"]},
         "deviceId": {"type": "string", "description": "GPU uuid"},
-        "migUuid": _STR,
-        "migProfile": _STR,
-        "model": _STR,
+        "migUuid": NULLABLE_STRING,
+        "migProfile": NULLABLE_STRING,
+        "model": NULLABLE_STRING,
         "node": {"type": "string"},
         "status": {"type": "string", "enum": ["ALLOCATED"]},
     },
@@ -183,10 +181,10 @@ _ALERT = {
     "properties": {
         "node": {"type": "string"},
         "deviceId": {"type": "string"},
-        "gpu": _STR,
-        "modelName": _STR,
+        "gpu": NULLABLE_STRING,
+        "modelName": NULLABLE_STRING,
         "peakTemperature": {"type": "number"},
-        "currentTemperature": _NUM,
+        "currentTemperature": NULLABLE_NUMBER,
         "threshold": {"type": "number"},
         "severity": {"type": "string", "enum": ["WARNING", "CRITICAL"]},
     },
@@ -311,11 +309,11 @@ OPENAPI_PATHS: dict[str, Any] = {
                         "type": "object",
                         "additionalProperties": {"type": "integer"},
                     },
-                    "overallGpuUtilization": _NUM,
-                    "overallMemoryUtilization": _NUM,
-                    "overallTemperature": _NUM,
-                    "totalHourlyCost": _NUM,
-                    "totalMonthlyCost": _NUM,
+                    "overallGpuUtilization": NULLABLE_NUMBER,
+                    "overallMemoryUtilization": NULLABLE_NUMBER,
+                    "overallTemperature": NULLABLE_NUMBER,
+                    "totalHourlyCost": NULLABLE_NUMBER,
+                    "totalMonthlyCost": NULLABLE_NUMBER,
                     "analysisDate": {"type": "string", "format": "date-time"},
                 },
             },
