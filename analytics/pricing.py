@@ -37,6 +37,9 @@ NODE_OVERRIDE = "node:gpu_price_override:info"
 DEVICE_UNPRICED = "device:gpu_unpriced:info"
 MIG_UNPRICED = "mig:gpu_unpriced:info"
 POD_COST = "pod:gpu_cost_dollars_per_hour:allocated"
+#: GPU-equivalents each pod holds: 1 per whole GPU, k/7 per MIG instance of k compute slices,
+#: split between the pods sharing a device. Summed over time it gives GPU-hours.
+POD_DEVICES = "pod:gpu_allocated_devices:share"
 NAMESPACE_COST = "namespace:gpu_cost_dollars_per_hour:sum"
 TEAM_COST = "team:gpu_cost_dollars_per_hour:sum"
 NODE_COST = "node:gpu_cost_dollars_per_hour:sum"
@@ -388,6 +391,7 @@ def recording_rules(
     rules.append(_rule(MIG_UNPRICED, _UNPRICED_MIG))
     whole = _pod_whole_expr(pricing.shared_gpu_split, team, interval)
     rules.append(_rule(POD_COST, _union([whole, _pod_mig_expr(team)])))
+    rules.append(_rule(POD_DEVICES, _pod_devices_expr(team)))
     rules.extend(
         [
             _rule(NAMESPACE_COST, f"sum by (namespace) ({POD_COST})"),
@@ -621,6 +625,26 @@ def _pod_mig_expr(team: str) -> str:
         "/ on (mig_uuid) group_left\n"
         f"count by (mig_uuid) (\n  {holders}\n)"
     )
+
+
+def _pod_devices_expr(team: str) -> str:
+    """GPU-equivalents held per pod, independent of prices (so unpriced devices count too)."""
+    whole = f'max by ({_POD_BY}, {team}) (gpu_allocation_info{{mig_uuid=""}})'
+    terms = [
+        "# Whole GPUs: 1 each, split evenly between the pods holding it (time-slicing).\n"
+        f"(\n  {whole}\n)\n/ on (uuid) group_left\ncount by (uuid) (\n  {whole}\n)"
+    ]
+    mig_by = f"{_POD_BY}, mig_profile, mig_uuid, {team}"
+    every_holder = f'max by ({mig_by}) (gpu_allocation_info{{mig_uuid!=""}})'
+    for slices in range(1, MIG_SLICES + 1):
+        pattern = _q(f"({slices}c\\.[0-9]+g|{slices}g)\\..*")
+        holders = f'max by ({mig_by}) (gpu_allocation_info{{mig_uuid!="", mig_profile=~{pattern}}})'
+        terms.append(
+            f"# MIG instances of {slices} compute slices: {slices}/{MIG_SLICES} of a GPU each\n"
+            f"(\n  {holders} * {slices} / {MIG_SLICES}\n)\n"
+            f"/ on (mig_uuid) group_left\ncount by (mig_uuid) (\n  {every_holder}\n)"
+        )
+    return _union(terms)
 
 
 def _team_expr(team: str) -> str:

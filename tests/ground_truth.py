@@ -27,6 +27,19 @@ def expected_cost_per_hour(
     fleet: Fleet, node: str, t: float, key: Callable[[PodSpec], str] = by_namespace
 ) -> dict[str, float]:
     """$/h at t per key (namespace by default) of the devices Running pods hold."""
+    return _per_key(fleet, node, t, key, gpu_equivalents=False)
+
+
+def expected_gpu_equivalents(
+    fleet: Fleet, node: str, t: float, key: Callable[[PodSpec], str] = by_namespace
+) -> dict[str, float]:
+    """GPUs held at t per key: 1 per whole GPU, k/7 per MIG instance, split between holders."""
+    return _per_key(fleet, node, t, key, gpu_equivalents=True)
+
+
+def _per_key(
+    fleet: Fleet, node: str, t: float, key: Callable[[PodSpec], str], *, gpu_equivalents: bool
+) -> dict[str, float]:
     pricing = load_pricing(PRICING)
     sim = fleet.nodes[node]
     running = {(p.namespace, p.name): p for p in pods_at(fleet, node, t) if p.phase == "Running"}
@@ -37,11 +50,13 @@ def expected_cost_per_hour(
     cost: dict[str, float] = defaultdict(float)
     for (gpu, gi), pods in holders.items():
         g = sim.gpus[gpu]
-        if gi is None:
+        instance = g.instance(gi) if gi is not None else None
+        price: float | None
+        if gpu_equivalents:
+            price = 1.0 if instance is None else instance.profile.slice_count / 7
+        elif instance is None:
             price = pricing.device_price(g.model.name)
         else:
-            instance = g.instance(gi)
-            assert instance is not None
             price = pricing.mig_price(g.model.name, instance.profile.key)
         assert price is not None
         for pod in pods:

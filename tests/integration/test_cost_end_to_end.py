@@ -19,7 +19,7 @@ from analytics.app import create_app
 from analytics.config import Config, PrometheusConfig
 from exporter.simulator import load_fleet
 from exporter.simulator.history import backfill
-from tests.ground_truth import REPO, expected_cost_per_hour
+from tests.ground_truth import REPO, expected_cost_per_hour, expected_gpu_equivalents
 from tests.unit.exporter_harness import FLEETS
 
 NODE = "attr-node"
@@ -52,8 +52,13 @@ def history(
     yield create_app(config, clock=lambda: now).test_client(), start, end
 
 
-def expected_dollars(start: float, end: float, key: str) -> dict[str, float]:
-    """Ground-truth dollars per namespace or team over (start, end], minute by minute."""
+def expected_totals(
+    start: float,
+    end: float,
+    key: str,
+    per_hour: Callable[..., dict[str, float]] = expected_cost_per_hour,
+) -> dict[str, float]:
+    """Ground-truth dollars (or GPU-hours) per namespace or team over (start, end]."""
     fleet = load_fleet(FLEETS / "attribution.yaml")
     keys = {
         "namespace": lambda pod: pod.namespace,
@@ -62,20 +67,34 @@ def expected_dollars(start: float, end: float, key: str) -> dict[str, float]:
     total: dict[str, float] = defaultdict(float)
     t = start + STEP
     while t <= end:
-        for name, per_hour in expected_cost_per_hour(fleet, NODE, t, keys[key]).items():
-            total[name] += per_hour * STEP / 3600
+        for name, rate in per_hour(fleet, NODE, t, keys[key]).items():
+            total[name] += rate * STEP / 3600
         t += STEP
     return dict(total)
 
 
-def report(client: FlaskClient, start: float, end: float, aggregate: str) -> dict[str, float]:
+def report(
+    client: FlaskClient, start: float, end: float, aggregate: str, field: str = "cost"
+) -> dict[str, float]:
     response = client.get(
         "/api/v1/gpu/cost/report",
         query_string={"start": int(start), "end": int(end), "aggregate": aggregate},
     )
     assert response.status_code == 200, response.get_data(as_text=True)
     rows = response.get_json()["data"]["rows"]
-    return {row["key"]: row["cost"] for row in rows if row["kind"] == "allocated"}
+    return {row["key"]: row[field] for row in rows if row["kind"] == "allocated"}
+
+
+def test_gpu_hours_match_ground_truth_within_half_a_percent(
+    history: tuple[FlaskClient, float, float],
+) -> None:
+    client, start, end = history
+    window_start, window_end = start + 3600, end - 1800
+    got = report(client, window_start, window_end, "namespace", field="gpuHours")
+    want = expected_totals(window_start, window_end, "namespace", expected_gpu_equivalents)
+    assert set(got) == set(want)
+    for name, hours in want.items():
+        assert got[name] == pytest.approx(hours, rel=0.005), name
 
 
 @pytest.mark.parametrize("aggregate", ["namespace", "team"])
@@ -86,7 +105,7 @@ def test_cost_report_matches_ground_truth_within_half_a_percent(
     # A window inside the history, so the recorded series cover all of it.
     window_start, window_end = start + 3600, end - 1800
     got = report(client, window_start, window_end, aggregate)
-    want = expected_dollars(window_start, window_end, aggregate)
+    want = expected_totals(window_start, window_end, aggregate)
     assert set(got) == set(want)
     for name, dollars in want.items():
         assert got[name] == pytest.approx(dollars, rel=0.005), name
