@@ -527,7 +527,7 @@ def _mig_exprs(pricing: Pricing) -> list[str]:
     parent = f"* on (uuid) group_left {DEVICE_PRICE}"
     out: list[str] = []
     for slices in range(1, MIG_SLICES + 1):
-        pattern = _q(f"({slices}c\\.[0-9]+g|{slices}g)\\..*")
+        pattern = _slice_profiles(slices)
         instances = f"max by ({MIG_BY}) (gpu_mig_info{{mig_profile=~{pattern}{exclude}}})"
         out.append(
             f"# {slices} of {MIG_SLICES} compute slices: {slices}g.* and {slices}c.*g.* profiles\n"
@@ -571,9 +571,29 @@ max by ({MIG_BY}) (gpu_mig_info) unless on (mig_uuid) {MIG_PRICE}
 _POD_BY = "node, gpu, uuid, model, namespace, pod"
 
 
+def _slice_profiles(slices: int) -> str:
+    """The quoted PromQL regex of MIG profiles with `slices` compute slices (`3g.*`, `1c.3g.*`
+    counts its compute-instance slices): the PromQL twin of `_SLICES`."""
+    return _q(f"({slices}c\\.[0-9]+g|{slices}g)\\..*")
+
+
+def _whole_holders(team: str) -> str:
+    """Each pod holding a whole GPU, once (its containers collapse)."""
+    return f'max by ({_POD_BY}, {team}) (gpu_allocation_info{{mig_uuid=""}})'
+
+
+def _mig_holders(team: str, profiles: str = "") -> str:
+    """Each pod holding a MIG instance, once; `profiles` narrows to a profile regex."""
+    narrow = f", mig_profile=~{profiles}" if profiles else ""
+    return (
+        f"max by ({_POD_BY}, mig_profile, mig_uuid, {team}) "
+        f'(gpu_allocation_info{{mig_uuid!=""{narrow}}})'
+    )
+
+
 def _pod_whole_expr(split: str, team: str, interval: str) -> str:
     """Whole GPUs: each holder pod pays its share; time-sliced or MPS GPUs have several."""
-    holders = f'max by ({_POD_BY}, {team}) (gpu_allocation_info{{mig_uuid=""}})'
+    holders = _whole_holders(team)
     price = f"* on (uuid) group_left {DEVICE_PRICE}"
     if split == "even":
         return (
@@ -615,9 +635,7 @@ def _pod_whole_expr(split: str, team: str, interval: str) -> str:
 
 
 def _pod_mig_expr(team: str) -> str:
-    holders = (
-        f'max by ({_POD_BY}, mig_profile, mig_uuid, {team}) (gpu_allocation_info{{mig_uuid!=""}})'
-    )
+    holders = _mig_holders(team)
     return (
         "# MIG instances: the instance's price, split evenly when several pods share it\n"
         "# (time-sliced MIG; NVML has no per-process utilization on MIG). Joins on mig_uuid.\n"
@@ -629,16 +647,14 @@ def _pod_mig_expr(team: str) -> str:
 
 def _pod_devices_expr(team: str) -> str:
     """GPU-equivalents held per pod, independent of prices (so unpriced devices count too)."""
-    whole = f'max by ({_POD_BY}, {team}) (gpu_allocation_info{{mig_uuid=""}})'
+    whole = _whole_holders(team)
     terms = [
         "# Whole GPUs: 1 each, split evenly between the pods holding it (time-slicing).\n"
         f"(\n  {whole}\n)\n/ on (uuid) group_left\ncount by (uuid) (\n  {whole}\n)"
     ]
-    mig_by = f"{_POD_BY}, mig_profile, mig_uuid, {team}"
-    every_holder = f'max by ({mig_by}) (gpu_allocation_info{{mig_uuid!=""}})'
+    every_holder = _mig_holders(team)
     for slices in range(1, MIG_SLICES + 1):
-        pattern = _q(f"({slices}c\\.[0-9]+g|{slices}g)\\..*")
-        holders = f'max by ({mig_by}) (gpu_allocation_info{{mig_uuid!="", mig_profile=~{pattern}}})'
+        holders = _mig_holders(team, _slice_profiles(slices))
         terms.append(
             f"# MIG instances of {slices} compute slices: {slices}/{MIG_SLICES} of a GPU each\n"
             f"(\n  {holders} * {slices} / {MIG_SLICES}\n)\n"
