@@ -75,6 +75,8 @@ proto: venv
 
 rules: venv
 	$(VENV_PY) -m analytics.pricing --pricing examples/pricing.yaml --out rules/pricing.yml
+	$(VENV_PY) -m analytics.pricing --pricing examples/pricing.yaml --shared-gpu-split usage \
+		--out rules/tests/pricing_usage.yml
 
 clean:
 	rm -rf .demo build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache docs/metrics.md.tmp

@@ -21,7 +21,7 @@ from analytics.context import CLOCK_KEY, EXTENSION_KEY, Clock, Services, utc_now
 from analytics.envelope import ErrorCode, error_response, register_error_handlers, request_id
 from analytics.envelope import log as api_log
 from analytics.openapi import build_document
-from analytics.pricing import load_pricing
+from analytics.pricing import load_pricing, render_rules
 from analytics.prometheus import (
     PrometheusAuth,
     PrometheusClient,
@@ -82,6 +82,9 @@ def create_app(
     # A broken pricing file stops start-up (PricingError names file, key and fix), rather
     # than failing the first request that needs prices.
     prices = load_pricing(config.pricing_file) if config.pricing_file is not None else None
+    if prices is not None:
+        # Also fails start-up for a pricing the source cannot serve (usage split on DCGM).
+        render_rules(prices, config.rules_interval, config.team_label, config.rule_inputs())
     ctx = Services(
         config=config,
         pricing=prices,

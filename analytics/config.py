@@ -16,6 +16,9 @@ Keys (all optional; defaults in brackets)::
       password_file: /etc/...
     pricing_file: pricing.yaml          # relative paths are relative to this file
     team_label: label_team              # pod label that names the team [label_team]
+    team_source: pod_label              # pod_label (on the GPU series) | kube_pod_labels
+                                        # (kube-state-metrics) [pod_label; kube_pod_labels
+                                        # for source dcgm, which has no pod labels]
     source: exporter                    # exporter | dcgm [exporter]
     honor_labels: true                  # false: pod labels arrive as exported_namespace, ...
     exporter_up_selector: up{job=~".*gpu.*"}   # health: the exporter targets [by source]
@@ -37,18 +40,26 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+
+from analytics.sources import (
+    SOURCES,
+    TEAM_SOURCES,
+    RuleInputs,
+    Source,
+    TeamSource,
+    default_team_source,
+    rule_inputs,
+)
 
 ENV_PREFIX = "GPU_ANALYTICS_"
 DEFAULT_PROMETHEUS_URL = "http://127.0.0.1:9090"
 DEFAULT_LISTEN = "0.0.0.0:8080"
 DEFAULT_TEAM_LABEL = "label_team"
 
-Source = Literal["exporter", "dcgm"]
-SOURCES: tuple[Source, ...] = ("exporter", "dcgm")
 
 # The health check's default selector per source: our exporter's scrape job is named after the
 # chart ("gpu-exporter"); NVIDIA's is "nvidia-dcgm-exporter" / "dcgm-exporter", which has no "gpu".
@@ -96,6 +107,8 @@ class Config:
     pricing_file: Path | None = None
     team_label: str = DEFAULT_TEAM_LABEL
     source: Source = "exporter"
+    #: None: the source's default (pod labels for our exporter, kube_pod_labels for DCGM).
+    team_source: TeamSource | None = None
     honor_labels: bool = True
     exporter_up_selector: str | None = None
     listen: str = DEFAULT_LISTEN
@@ -116,6 +129,27 @@ class Config:
         scrape adds the exporter pod's namespace and pod under the plain names.
         """
         return "" if self.honor_labels else "exported_"
+
+    @property
+    def teams_from(self) -> TeamSource:
+        """Where the team label comes from, with the source's default filled in."""
+        return self.team_source or default_team_source(self.source)
+
+    @property
+    def rules_interval(self) -> str:
+        """The cost rules' evaluation interval as a Prometheus duration (`1m`, `30s`)."""
+        seconds = int(self.rules_interval_seconds)
+        return f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"
+
+    def rule_inputs(self) -> RuleInputs:
+        """Where the pricing rules read devices, allocations and activity for this source."""
+        return rule_inputs(
+            self.source,
+            interval=self.rules_interval,
+            label_prefix=self.label_prefix,
+            team_label=self.team_label,
+            team_source=self.teams_from,
+        )
 
     @property
     def up_selector(self) -> str:
@@ -310,6 +344,7 @@ _TOP_KEYS = (
     "prometheus",
     "pricing_file",
     "team_label",
+    "team_source",
     "source",
     "honor_labels",
     "exporter_up_selector",
@@ -417,6 +452,15 @@ def load_config(
 
     source = get("source", source_value, "exporter")
 
+    def team_source_value(r: _Reader, k: str, v: Any) -> str:
+        if v not in TEAM_SOURCES:
+            raise r.fail(
+                k, f"unknown team source {v!r}", f"choose one of: {', '.join(TEAM_SOURCES)}"
+            )
+        return str(v)
+
+    team_source = get("team_source", team_source_value, None)
+
     def listen_value(r: _Reader, k: str, v: Any) -> str:
         text = _string(r, k, v, "write HOST:PORT, e.g. 0.0.0.0:8080")
         try:
@@ -435,6 +479,7 @@ def load_config(
         prometheus=prometheus,
         pricing_file=get("pricing_file", _path, None),
         team_label=team_label,
+        team_source=team_source,
         source=source,
         honor_labels=get("honor_labels", _boolean, True),
         exporter_up_selector=get(

@@ -23,6 +23,16 @@ from typing import Any
 
 import yaml
 
+from analytics.sources import (
+    DEVICE_LABELS,
+    MIG_LABELS,
+    SOURCES,
+    TEAM_SOURCES,
+    RuleInputs,
+    default_team_source,
+    rule_inputs,
+)
+
 #: Compute slices of a whole GPU in MIG mode (A100, H100, H200, B200): the default denominator.
 MIG_SLICES = 7
 SPLIT_MODES = ("even", "usage")
@@ -52,8 +62,13 @@ NODE_PRICE = "node:gpu_price_dollars_per_hour:sum"
 MODEL_PRICE = "model:gpu_price_dollars_per_hour:sum"
 CLUSTER_PRICE = "cluster:gpu_price_dollars_per_hour:sum"
 
-DEVICE_BY = "node, gpu, uuid, model"
-MIG_BY = "node, gpu, uuid, model, gpu_instance, compute_instance, mig_profile, mig_uuid"
+#: Busy GPU-equivalents (POD_DEVICES times the held device's activity) and the part of
+#: POD_DEVICES held while activity was measured: efficiency = utilized / measured.
+POD_UTILIZED_DEVICES = "pod:gpu_utilized_devices:share"
+POD_MEASURED_DEVICES = "pod:gpu_measured_devices:share"
+
+DEVICE_BY = DEVICE_LABELS
+MIG_BY = MIG_LABELS
 
 _PROM_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _K8S_LABEL_KEY = re.compile(
@@ -363,35 +378,50 @@ def _show(value: Any) -> str:
 
 
 def recording_rules(
-    pricing: Pricing, interval: str = DEFAULT_INTERVAL, team_label: str | None = None
+    pricing: Pricing,
+    interval: str = DEFAULT_INTERVAL,
+    team_label: str | None = None,
+    inputs: RuleInputs | None = None,
 ) -> dict[str, Any]:
     """The pricing as a Prometheus rule file (one group), every value in dollars per hour.
 
-    `team_label` (default: the pricing's) is the pod label on `gpu_allocation_info` that names
-    the team; the team rule exposes it as `team`.
+    `team_label` (default: the pricing's) is the pod label on the allocations that names the
+    team; the team rule exposes it as `team`. `inputs` says where devices, allocations and
+    activity come from (default: our exporter's series, see `analytics.sources`).
     """
     if not _DURATION.match(interval):
         raise PricingError(f"interval {interval!r} is not a Prometheus duration such as 1m")
     team = team_label or pricing.team_label
     if not _PROM_LABEL.match(team):
         raise PricingError(f"team label {team!r} is not a Prometheus label name")
-    rules: list[dict[str, str]] = []
+    if inputs is None:
+        inputs = rule_inputs(interval=interval, team_label=team)
+    if pricing.shared_gpu_split == "usage" and inputs.process_use is None:
+        raise PricingError(
+            f"{pricing.source}: shared_gpu_split: usage needs per-process GPU use, which the "
+            f"{inputs.source} source does not publish; use even"
+        )
+    rules = [_rule(record, expr) for record, expr in inputs.adapters]
     if pricing.node_overrides:
         rules.append(_rule(NODE_OVERRIDE, _override_expr(pricing.node_overrides)))
     # One rule per recorded name (promtool flags duplicates); its parts select disjoint series
     # (one model, one MIG profile, whole GPUs or MIG instances), so `or` just unites them.
-    devices = [_device_expr(pricing, f"model={_q(m)}", m, price) for m, price in pricing.models]
+    devices = [
+        _device_expr(pricing, inputs, f"model={_q(m)}", m, price) for m, price in pricing.models
+    ]
     if pricing.default_price is not None:
         known = "|".join(_re2_escape(m) for m, _ in pricing.models)
         selector = f"model!~{_q(known)}" if known else ""
-        devices.append(_device_expr(pricing, selector, None, None))
+        devices.append(_device_expr(pricing, inputs, selector, None, None))
     rules.append(_rule(DEVICE_PRICE, _union(devices)))
-    rules.append(_rule(MIG_PRICE, _union(_mig_exprs(pricing))))
-    rules.append(_rule(DEVICE_UNPRICED, _UNPRICED_DEVICE))
-    rules.append(_rule(MIG_UNPRICED, _UNPRICED_MIG))
-    whole = _pod_whole_expr(pricing.shared_gpu_split, team, interval)
-    rules.append(_rule(POD_COST, _union([whole, _pod_mig_expr(team)])))
-    rules.append(_rule(POD_DEVICES, _pod_devices_expr(team)))
+    rules.append(_rule(MIG_PRICE, _union(_mig_exprs(pricing, inputs))))
+    rules.append(_rule(DEVICE_UNPRICED, _unpriced_devices(inputs)))
+    rules.append(_rule(MIG_UNPRICED, _unpriced_mig(inputs)))
+    whole = _pod_whole_expr(pricing.shared_gpu_split, team, inputs)
+    rules.append(_rule(POD_COST, _union([whole, _pod_mig_expr(team, inputs)])))
+    rules.append(_rule(POD_DEVICES, _pod_devices_expr(team, inputs)))
+    rules.append(_rule(POD_UTILIZED_DEVICES, _utilized_expr(inputs)))
+    rules.append(_rule(POD_MEASURED_DEVICES, _measured_expr(inputs)))
     rules.extend(
         [
             _rule(NAMESPACE_COST, f"sum by (namespace) ({POD_COST})"),
@@ -406,7 +436,7 @@ def recording_rules(
             _rule(NODE_PRICE, f"sum by (node) ({DEVICE_PRICE})"),
             _rule(MODEL_PRICE, f"sum by (model) ({DEVICE_PRICE})"),
             _rule(CLUSTER_PRICE, f"sum({DEVICE_PRICE})"),
-            _rule(DEVICE_UNALLOCATED, _UNALLOCATED),
+            _rule(DEVICE_UNALLOCATED, _unallocated(inputs)),
             _rule(
                 CLUSTER_ALLOCATED,
                 "# 0, not absent, when priced GPUs exist and no pod holds any.\n"
@@ -422,11 +452,14 @@ def recording_rules(
 
 
 def render_rules(
-    pricing: Pricing, interval: str = DEFAULT_INTERVAL, team_label: str | None = None
+    pricing: Pricing,
+    interval: str = DEFAULT_INTERVAL,
+    team_label: str | None = None,
+    inputs: RuleInputs | None = None,
 ) -> str:
     """The rule file as YAML text, with a header saying it is generated and from what."""
     body = yaml.dump(
-        recording_rules(pricing, interval, team_label),
+        recording_rules(pricing, interval, team_label, inputs),
         Dumper=_LiteralDumper,
         sort_keys=False,
         width=1000,
@@ -495,9 +528,11 @@ def _override_expr(overrides: Sequence[NodeOverride]) -> str:
     return head + "\nor\n".join(f"(\n  {t}\n)" for t in terms)
 
 
-def _device_expr(pricing: Pricing, selector: str, model: str | None, price: float | None) -> str:
+def _device_expr(
+    pricing: Pricing, inputs: RuleInputs, selector: str, model: str | None, price: float | None
+) -> str:
     """Whole-GPU prices for one model (or, with model None, every model without a list price)."""
-    gpus = f"max by ({DEVICE_BY}) (gpu_info{{{selector}}})"
+    gpus = f"max by ({DEVICE_BY}) ({inputs.devices}{{{selector}}})"
     base = price if price is not None else pricing.default_price
     assert base is not None
     title = f"# {model}: {base} $/h list price" if model else f"# other models: {base} $/h default"
@@ -517,7 +552,7 @@ def _device_expr(pricing: Pricing, selector: str, model: str | None, price: floa
     return f"{title}\n{note}" + "\nor\n".join(f"(\n{t}\n)" for t in terms)
 
 
-def _mig_exprs(pricing: Pricing) -> list[str]:
+def _mig_exprs(pricing: Pricing, inputs: RuleInputs) -> list[str]:
     """MIG instance prices: shares of the parent GPU's price, then per-profile overrides."""
     custom = dict(pricing.mig_profiles)
     exclude = ""
@@ -528,13 +563,14 @@ def _mig_exprs(pricing: Pricing) -> list[str]:
     out: list[str] = []
     for slices in range(1, MIG_SLICES + 1):
         pattern = _slice_profiles(slices)
-        instances = f"max by ({MIG_BY}) (gpu_mig_info{{mig_profile=~{pattern}{exclude}}})"
+        selected = f"{inputs.mig_instances}{{mig_profile=~{pattern}{exclude}}}"
+        instances = f"max by ({MIG_BY}) ({selected})"
         out.append(
             f"# {slices} of {MIG_SLICES} compute slices: {slices}g.* and {slices}c.*g.* profiles\n"
             f"({instances}\n  {parent}) * {slices} / {MIG_SLICES}"
         )
     for profile, spec in pricing.mig_profiles:
-        instances = f"max by ({MIG_BY}) (gpu_mig_info{{mig_profile={_q(profile)}}})"
+        instances = f"max by ({MIG_BY}) ({inputs.mig_instances}{{mig_profile={_q(profile)}}})"
         if spec.share is not None:
             out.append(
                 f"# {profile}: {spec.share} of the GPU's price (mig_profiles)\n"
@@ -557,16 +593,20 @@ def _mig_exprs(pricing: Pricing) -> list[str]:
     return out
 
 
-_UNPRICED_DEVICE = f"""
-# GPUs whose model has no price (no models entry and no default_price): they cost nothing in
-# the rules below, and are listed here so reports can show them as unpriced.
-max by ({DEVICE_BY}) (gpu_info) unless on (uuid) {DEVICE_PRICE}
-"""
+def _unpriced_devices(inputs: RuleInputs) -> str:
+    return (
+        "# GPUs whose model has no price (no models entry and no default_price): they cost\n"
+        "# nothing in the rules below, and are listed here so reports can show them as unpriced.\n"
+        f"max by ({DEVICE_BY}) ({inputs.devices}) unless on (uuid) {DEVICE_PRICE}"
+    )
 
-_UNPRICED_MIG = f"""
-# MIG instances without a price (unknown profile, or the parent GPU is unpriced).
-max by ({MIG_BY}) (gpu_mig_info) unless on (mig_uuid) {MIG_PRICE}
-"""
+
+def _unpriced_mig(inputs: RuleInputs) -> str:
+    return (
+        "# MIG instances without a price (unknown profile, or the parent GPU is unpriced).\n"
+        f"max by ({MIG_BY}) ({inputs.mig_instances}) unless on (mig_uuid) {MIG_PRICE}"
+    )
+
 
 _POD_BY = "node, gpu, uuid, model, namespace, pod"
 
@@ -577,23 +617,23 @@ def _slice_profiles(slices: int) -> str:
     return _q(f"({slices}c\\.[0-9]+g|{slices}g)\\..*")
 
 
-def _whole_holders(team: str) -> str:
+def _whole_holders(team: str, inputs: RuleInputs) -> str:
     """Each pod holding a whole GPU, once (its containers collapse)."""
-    return f'max by ({_POD_BY}, {team}) (gpu_allocation_info{{mig_uuid=""}})'
+    return f'max by ({_POD_BY}, {team}) ({inputs.allocations}{{mig_uuid=""}})'
 
 
-def _mig_holders(team: str, profiles: str = "") -> str:
+def _mig_holders(team: str, inputs: RuleInputs, profiles: str = "") -> str:
     """Each pod holding a MIG instance, once; `profiles` narrows to a profile regex."""
     narrow = f", mig_profile=~{profiles}" if profiles else ""
     return (
         f"max by ({_POD_BY}, mig_profile, mig_uuid, {team}) "
-        f'(gpu_allocation_info{{mig_uuid!=""{narrow}}})'
+        f'({inputs.allocations}{{mig_uuid!=""{narrow}}})'
     )
 
 
-def _pod_whole_expr(split: str, team: str, interval: str) -> str:
+def _pod_whole_expr(split: str, team: str, inputs: RuleInputs) -> str:
     """Whole GPUs: each holder pod pays its share; time-sliced or MPS GPUs have several."""
-    holders = _whole_holders(team)
+    holders = _whole_holders(team, inputs)
     price = f"* on (uuid) group_left {DEVICE_PRICE}"
     if split == "even":
         return (
@@ -604,17 +644,14 @@ def _pod_whole_expr(split: str, team: str, interval: str) -> str:
             f"/ on (uuid) group_left\n"
             f"count by (uuid) (\n  {holders}\n)"
         )
-    pods = 'max by (uuid, namespace, pod) (gpu_allocation_info{mig_uuid=""})'
-    usage = (
-        "sum by (uuid, namespace, pod) (\n"
-        f'      avg_over_time(gpu_process_sm_utilization_ratio{{mig_uuid=""}}[{interval}])\n'
-        "    )"
-    )
+    pods = f'max by (uuid, namespace, pod) ({inputs.allocations}{{mig_uuid=""}})'
+    assert inputs.process_use is not None  # recording_rules rejects usage without it
+    usage = inputs.process_use.replace("\n", "\n    ")
     # Each holder pod's weight: its processes' SM utilization summed, 0 when it runs none.
     weight = f"(\n    ({usage} and on (uuid, namespace, pod) {pods})\n    or 0 * {pods}\n  )"
     return (
         "# Whole GPUs split by measured use: each holder pod's share is its processes' SM\n"
-        f"# utilization (averaged over {interval}) over the sum for the GPU; a GPU whose holders\n"
+        "# utilization (averaged over one interval) over the sum for the GPU; a GPU whose holders\n"
         "# all read 0 (or report no processes) is split evenly. Joins on uuid (and pod);\n"
         "# group_left keeps the pod's labels.\n"
         f"(\n  {holders}\n  {price}\n)\n"
@@ -634,8 +671,8 @@ def _pod_whole_expr(split: str, team: str, interval: str) -> str:
     )
 
 
-def _pod_mig_expr(team: str) -> str:
-    holders = _mig_holders(team)
+def _pod_mig_expr(team: str, inputs: RuleInputs) -> str:
+    holders = _mig_holders(team, inputs)
     return (
         "# MIG instances: the instance's price, split evenly when several pods share it\n"
         "# (time-sliced MIG; NVML has no per-process utilization on MIG). Joins on mig_uuid.\n"
@@ -645,22 +682,45 @@ def _pod_mig_expr(team: str) -> str:
     )
 
 
-def _pod_devices_expr(team: str) -> str:
+def _pod_devices_expr(team: str, inputs: RuleInputs) -> str:
     """GPU-equivalents held per pod, independent of prices (so unpriced devices count too)."""
-    whole = _whole_holders(team)
+    whole = _whole_holders(team, inputs)
     terms = [
         "# Whole GPUs: 1 each, split evenly between the pods holding it (time-slicing).\n"
         f"(\n  {whole}\n)\n/ on (uuid) group_left\ncount by (uuid) (\n  {whole}\n)"
     ]
-    every_holder = _mig_holders(team)
+    every_holder = _mig_holders(team, inputs)
     for slices in range(1, MIG_SLICES + 1):
-        holders = _mig_holders(team, _slice_profiles(slices))
+        holders = _mig_holders(team, inputs, _slice_profiles(slices))
         terms.append(
             f"# MIG instances of {slices} compute slices: {slices}/{MIG_SLICES} of a GPU each\n"
             f"(\n  {holders} * {slices} / {MIG_SLICES}\n)\n"
             f"/ on (mig_uuid) group_left\ncount by (mig_uuid) (\n  {every_holder}\n)"
         )
     return _union(terms)
+
+
+def _utilized_expr(inputs: RuleInputs) -> str:
+    """Busy GPU-equivalents: each pod's held share times its device's measured activity."""
+    return (
+        "# Each pod's GPU-equivalents times the activity (0-1) of what it holds, averaged over\n"
+        "# the interval: GPU utilization for whole GPUs, SM activity for MIG instances. Devices\n"
+        "# without a reading are left out (see the measured rule), never counted as idle.\n"
+        f'(\n  {POD_DEVICES}{{mig_uuid=""}}\n  * on (uuid) group_left\n'
+        f"  {inputs.whole_activity}\n)\nor\n"
+        f'(\n  {POD_DEVICES}{{mig_uuid!=""}}\n  * on (mig_uuid) group_left\n'
+        f"  {inputs.mig_activity}\n)"
+    )
+
+
+def _measured_expr(inputs: RuleInputs) -> str:
+    """The held GPU-equivalents whose activity was measured: efficiency's denominator."""
+    return (
+        "# The GPU-equivalents held while their activity was measured (MIG instances on GPUs\n"
+        "# without GPM, or devices whose reading failed, are not): efficiency's denominator.\n"
+        f'(\n  {POD_DEVICES}{{mig_uuid=""}}\n  and on (uuid)\n  {inputs.whole_activity}\n)\nor\n'
+        f'(\n  {POD_DEVICES}{{mig_uuid!=""}}\n  and on (mig_uuid)\n  {inputs.mig_activity}\n)'
+    )
 
 
 def _team_expr(team: str) -> str:
@@ -673,18 +733,19 @@ def _team_expr(team: str) -> str:
     )
 
 
-_UNALLOCATED = f"""
+def _unallocated(inputs: RuleInputs) -> str:
+    return f"""
 # Priced capacity no pod holds, per GPU.
 (
   # whole GPUs (not carved into MIG instances) with no allocation
   {DEVICE_PRICE}
-  unless on (uuid) gpu_mig_info
-  unless on (uuid) gpu_allocation_info
+  unless on (uuid) {inputs.mig_instances}
+  unless on (uuid) {inputs.allocations}
 )
 or
 sum by ({DEVICE_BY}) (
   # MIG instances no pod holds ...
-  ({MIG_PRICE} unless on (mig_uuid) gpu_allocation_info{{mig_uuid!=""}})
+  ({MIG_PRICE} unless on (mig_uuid) {inputs.allocations}{{mig_uuid!=""}})
   or
   # ... plus the GPU's slices not carved into any instance (above a rounding error)
   (
@@ -722,6 +783,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--shared-gpu-split", choices=SPLIT_MODES, help="override the file's shared_gpu_split"
     )
     parser.add_argument(
+        "--source", choices=SOURCES, default="exporter", help="whose GPU metrics Prometheus has"
+    )
+    parser.add_argument(
+        "--exported-labels",
+        action="store_true",
+        help="pod labels arrive as exported_namespace/exported_pod (honorLabels false)",
+    )
+    parser.add_argument(
+        "--team-source",
+        choices=TEAM_SOURCES,
+        help="where the team label comes from (default: pod_label; kube_pod_labels for dcgm)",
+    )
+    parser.add_argument(
         "--check", action="store_true", help="exit 1 if --out differs from what would be written"
     )
     args = parser.parse_args(argv)
@@ -731,8 +805,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             split = args.shared_gpu_split
             source = f"{pricing.source} with shared_gpu_split: {split}"
             pricing = dataclasses.replace(pricing, shared_gpu_split=split, source=source)
-        text = render_rules(pricing, args.interval, args.team_label)
-    except PricingError as error:
+        team = args.team_label or pricing.team_label
+        teams_from = args.team_source or default_team_source(args.source)
+        inputs = rule_inputs(
+            args.source,
+            interval=args.interval,
+            label_prefix="exported_" if args.exported_labels else "",
+            team_label=team,
+            team_source=teams_from,
+        )
+        text = render_rules(pricing, args.interval, team, inputs)
+    except (PricingError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.out is None:

@@ -50,17 +50,22 @@ def parse_threshold(text: str | None, field: str = "threshold") -> float:
 # -- PromQL ------------------------------------------------------------------------------------
 
 
-def allocations_query(filters: Mapping[str, str]) -> str:
-    """The allocation series, filtered by validated label values."""
-    return selector("gpu_allocation_info", **filters)
+def allocations_query(filters: Mapping[str, str], series: str = "gpu_allocation_info") -> str:
+    """The allocation series, filtered by validated label values.
+
+    `series` is where the source's allocations are (`RuleInputs.allocations`): our exporter's
+    `gpu_allocation_info`, or the pricing rules' adapter record for DCGM or renamed labels.
+    """
+    return selector(series, **filters)
 
 
-# Pods per device (whole GPU or MIG instance), over every namespace: a device held by more
-# than one pod is shared (time-slicing or MPS).
-PODS_PER_DEVICE = (
-    "count by (node, uuid, mig_uuid) "
-    "(count by (node, uuid, mig_uuid, namespace, pod) (gpu_allocation_info))"
-)
+def pods_per_device_query(series: str = "gpu_allocation_info") -> str:
+    """Pods per device (whole GPU or MIG instance), over every namespace: a device held by
+    more than one pod is shared (time-slicing or MPS)."""
+    return (
+        "count by (node, uuid, mig_uuid) "
+        f"(count by (node, uuid, mig_uuid, namespace, pod) ({series}))"
+    )
 
 
 def over_time(function: str, metric: str, hours: int) -> str:
@@ -113,7 +118,7 @@ def resource_type(labels: Labels, pods_on_device: int) -> str:
 
 
 def pods_per_device(samples: Iterable[Sample]) -> dict[tuple[str, str, str], int]:
-    """(node, uuid, mig_uuid) -> pods holding it, from :data:`PODS_PER_DEVICE`."""
+    """(node, uuid, mig_uuid) -> pods holding it, from :func:`pods_per_device_query`."""
     return {
         (labels.get("node", ""), labels.get("uuid", ""), labels.get("mig_uuid", "")): int(value)
         for labels, value in samples

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from analytics.pricing import load_pricing
-from exporter.simulator.fleet import Fleet
+from exporter.simulator.fleet import GPM_SM_UTIL, Fleet
+from exporter.simulator.history import DEFAULT_GPM_INTERVAL
 from exporter.simulator.pods import PodSpec, allocations_at, pods_at
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +38,29 @@ def expected_gpu_equivalents(
     return _per_key(fleet, node, t, key, gpu_equivalents=True)
 
 
+def expected_utilized_equivalents(
+    fleet: Fleet, node: str, t: float, key: Callable[[PodSpec], str] = by_namespace
+) -> dict[str, float]:
+    """Busy GPUs at t per key: the GPU-equivalents held times the device's activity as the
+    exporter reports it (GPU utilization for whole GPUs, GPM SM activity for MIG instances)."""
+    return _per_key(fleet, node, t, key, gpu_equivalents=True, utilized=True)
+
+
+def _activity(fleet: Fleet, node: str, gpu: int, gpu_instance: int | None, t: float) -> float:
+    if gpu_instance is None:
+        return fleet.gpu_state(node, gpu, t).utilization_gpu / 100
+    gpm = fleet.gpm_metrics(node, gpu, gpu_instance, t - DEFAULT_GPM_INTERVAL, t)
+    return gpm[GPM_SM_UTIL] / 100
+
+
 def _per_key(
-    fleet: Fleet, node: str, t: float, key: Callable[[PodSpec], str], *, gpu_equivalents: bool
+    fleet: Fleet,
+    node: str,
+    t: float,
+    key: Callable[[PodSpec], str],
+    *,
+    gpu_equivalents: bool,
+    utilized: bool = False,
 ) -> dict[str, float]:
     pricing = load_pricing(PRICING)
     sim = fleet.nodes[node]
@@ -59,6 +81,8 @@ def _per_key(
         else:
             price = pricing.mig_price(g.model.name, instance.profile.key)
         assert price is not None
+        if utilized:
+            price *= _activity(fleet, node, gpu, gi, t)
         for pod in pods:
             cost[key(running[pod])] += price / len(pods)
     return dict(cost)

@@ -439,9 +439,13 @@ def pricing_rules() -> Response:
             "no pricing_file is configured",
             {"fix": "set pricing_file in the analytics configuration"},
         )
-    seconds = int(ctx.config.rules_interval_seconds)
-    interval = f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"
-    text = pricing.render_rules(ctx.pricing, interval=interval, team_label=ctx.config.team_label)
+    interval = ctx.config.rules_interval
+    text = pricing.render_rules(
+        ctx.pricing,
+        interval=interval,
+        team_label=ctx.config.team_label,
+        inputs=ctx.config.rule_inputs(),
+    )
     return success({"interval": interval, "teamLabel": ctx.config.team_label, "rules": text})
 
 

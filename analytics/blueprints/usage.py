@@ -57,9 +57,10 @@ def allocations() -> Response:
     if team is not None:
         filters[team_label] = validate_name(team, "team", rule="label-value")
     at = _now()
-    pods = usage.pods_per_device(_query(usage.PODS_PER_DEVICE, at))
+    series = services().config.rule_inputs().allocations
+    pods = usage.pods_per_device(_query(usage.pods_per_device_query(series), at))
     records = usage.allocation_records(
-        _query(usage.allocations_query(filters), at), pods, team_label
+        _query(usage.allocations_query(filters, series), at), pods, team_label
     )
     return success(
         {

@@ -76,6 +76,9 @@ HISTORY_METRICS: tuple[str, ...] = (
     "gpu_process_memory_used_bytes",
 )
 
+#: How history can be shaped: as our exporter publishes it, or as dcgm-exporter does.
+SHAPES = ("exporter", "dcgm", "dcgm-exported")
+
 #: The exporter's default --collection-interval: GPM activity is the mean over one interval.
 DEFAULT_GPM_INTERVAL = 5.0
 #: Block durations promtool accepts (tsdb.ExponentialBlockRanges(2h, 10, 3)), up to 162h:
@@ -512,12 +515,15 @@ def _write_ts(
     targets: Mapping[str, Sequence[tuple[str, str]]],
     pod_labels: Sequence[str],
     gpm_interval: float,
+    shape: str = "exporter",
 ) -> int:
     histories = [
         _node_history(fleet, fleet.nodes[name], ts, pod_labels, target, gpm_interval)
         for name, target in targets.items()
     ]
     ts_text = _ts_text(ts)
+    if shape != "exporter":
+        return _write_dcgm(out, histories, list(targets.values()), ts_text, shape)
     types = _types()
     count = 0
     for metric in HISTORY_METRICS:
@@ -525,6 +531,36 @@ def _write_ts(
         for history in histories:
             for series in history.series[metric]:
                 count += _write_series(out, metric, series, ts_text)
+    out.write("# EOF\n")
+    return count
+
+
+def _write_dcgm(
+    out: TextIO,
+    histories: Sequence[_NodeHistory],
+    targets: Sequence[Sequence[tuple[str, str]]],
+    ts_text: list[str],
+    shape: str,
+) -> int:
+    """The histories as dcgm-exporter publishes them (`shape` dcgm, or dcgm-exported for
+    pod labels renamed exported_* by a scrape with honorLabels false)."""
+    from .dcgm import DCGM_METRICS, dcgm_series
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; use one of {', '.join(SHAPES)}")
+    converted = [
+        dcgm_series(history, len(ts_text), target, exported=shape == "dcgm-exported")
+        for history, target in zip(histories, targets, strict=True)
+    ]
+    count = 0
+    for metric, kind in DCGM_METRICS.items():
+        out.write(f"# TYPE {metric} {kind}\n")
+        for node in converted:
+            for series in node[metric]:
+                head = f"{metric}{_labels(series.labels)} "
+                stamps = [ts_text[i] for i in series.index.tolist()]
+                out.write("".join(head + v + t for v, t in zip(series.values, stamps, strict=True)))
+                count += len(stamps)
     out.write("# EOF\n")
     return count
 
@@ -617,6 +653,7 @@ def backfill(
     prometheus: str = "prometheus",
     workers: int | None = None,
     gpm_interval: float = DEFAULT_GPM_INTERVAL,
+    shape: str = "exporter",
 ) -> None:
     """Backfill the fleet's history for [start, end) into `data_dir` (a Prometheus TSDB path).
 
@@ -626,7 +663,9 @@ def backfill(
     per block, so one file per block keeps it linear. With `rule_files`, the recorded series
     are then backfilled over the same range by `promtool tsdb create-blocks-from rules`
     against a temporary Prometheus on `data_dir`, one dependency level at a time (promtool
-    cannot see rules it is still backfilling). Run Prometheus on `data_dir` afterwards with
+    cannot see rules it is still backfilling). `shape` "dcgm" writes the series as
+    dcgm-exporter would publish them ("dcgm-exported": its pod labels renamed exported_*), for
+    the analytics' DCGM source. Run Prometheus on `data_dir` afterwards with
     `--storage.tsdb.retention.time` longer than the history, or it deletes the oldest blocks.
     """
     data_dir = Path(data_dir)
@@ -667,6 +706,7 @@ def backfill(
                         targets,
                         pod_labels,
                         gpm_interval,
+                        shape,
                     )
                 command = [
                     promtool,

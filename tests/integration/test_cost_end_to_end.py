@@ -19,7 +19,12 @@ from analytics.app import create_app
 from analytics.config import Config, PrometheusConfig
 from exporter.simulator import load_fleet
 from exporter.simulator.history import backfill
-from tests.ground_truth import REPO, expected_cost_per_hour, expected_gpu_equivalents
+from tests.ground_truth import (
+    REPO,
+    expected_cost_per_hour,
+    expected_gpu_equivalents,
+    expected_utilized_equivalents,
+)
 from tests.unit.exporter_harness import FLEETS
 
 NODE = "attr-node"
@@ -95,6 +100,22 @@ def test_gpu_hours_match_ground_truth_within_half_a_percent(
     assert set(got) == set(want)
     for name, hours in want.items():
         assert got[name] == pytest.approx(hours, rel=0.005), name
+
+
+def test_efficiency_is_busy_over_held_gpu_hours_from_ground_truth(
+    history: tuple[FlaskClient, float, float],
+) -> None:
+    client, start, end = history
+    window_start, window_end = start + 3600, end - 1800
+    got = report(client, window_start, window_end, "namespace", field="efficiency")
+    held = expected_totals(window_start, window_end, "namespace", expected_gpu_equivalents)
+    busy = expected_totals(window_start, window_end, "namespace", expected_utilized_equivalents)
+    assert set(got) == set(held)
+    for name in held:
+        assert got[name] == pytest.approx(busy[name] / held[name], rel=0.005, abs=1e-6), name
+    # The whole H100 trains, the MIG inference slices and the time-sliced A100 serve: none of
+    # them idle for the whole window, none saturated.
+    assert all(0 < value < 1 for value in got.values()), got
 
 
 @pytest.mark.parametrize("aggregate", ["namespace", "team"])
