@@ -382,6 +382,22 @@ def test_two_apps_do_not_share_metrics() -> None:
 # --- OpenAPI ----------------------------------------------------------------------------------
 
 
+def test_every_served_api_endpoint_needs_the_token() -> None:
+    """Each real route, not just a sample: a blueprint registered without the guard fails."""
+    app = app_for(api_tokens=(TOKEN,))
+    client = app.test_client()
+    checked = 0
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith("/api/v1/") or rule.rule == "/api/v1/openapi.json":
+            continue
+        path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", "x", rule.rule)
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            response = client.open(path, method=method)
+            assert_error(response, 401, "UNAUTHORIZED")
+            checked += 1
+    assert checked >= 16  # the seed's read API and ours
+
+
 def openapi_path(rule: str) -> str:
     return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule)
 
