@@ -26,6 +26,10 @@ Keys (all optional; defaults in brackets)::
     api_tokens_file: tokens.txt         # bearer tokens for /api/v1, one per line or a YAML list
     refresh_seconds: 60                 # how often cached results are recomputed [60]
     rules_interval_seconds: 60          # evaluation interval of the cost recording rules [60]
+    idle:                               # allocated-but-idle GPUs (same defaults as rules/)
+      threshold: 0.05                   # activity (0-1) under which a held device is idle [0.05]
+      window_minutes: 30                # how long it must stay under to count [30]
+      namespaces: {batch: 0.02}         # per-namespace thresholds [none]
 
 Every scalar key has an environment override named after its path: ``GPU_ANALYTICS_`` plus the
 upper-cased path joined by ``_``, e.g. ``GPU_ANALYTICS_PROMETHEUS_URL``, ``GPU_ANALYTICS_LISTEN``.
@@ -45,6 +49,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from analytics.idle import IdleSettings
 from analytics.sources import (
     SOURCES,
     TEAM_SOURCES,
@@ -117,6 +122,7 @@ class Config:
     refresh_seconds: float = 60.0
     #: The cost rules' evaluation interval: each recorded sample stands for this long.
     rules_interval_seconds: float = 60.0
+    idle: IdleSettings = field(default_factory=IdleSettings)
     # Where the configuration came from, for messages ("<defaults>" when built in code).
     origin: str = "<defaults>"
 
@@ -352,6 +358,7 @@ _TOP_KEYS = (
     "api_tokens_file",
     "refresh_seconds",
     "rules_interval_seconds",
+    "idle",
 )
 _PROMETHEUS_KEYS = (
     "url",
@@ -361,6 +368,8 @@ _PROMETHEUS_KEYS = (
     "username",
     "password_file",
 )
+_IDLE_KEYS = ("threshold", "window_minutes", "namespaces")
+_SECTIONS = {"prometheus": _PROMETHEUS_KEYS, "idle": _IDLE_KEYS}
 
 
 def _env_name(path: str) -> str:
@@ -371,7 +380,8 @@ def _env_name(path: str) -> str:
 ENV_OVERRIDES: dict[str, str] = {
     path: _env_name(path)
     for path in [f"prometheus.{k}" for k in _PROMETHEUS_KEYS]
-    + [k for k in _TOP_KEYS if k != "prometheus"]
+    + ["idle.threshold", "idle.window_minutes"]
+    + [k for k in _TOP_KEYS if k not in _SECTIONS]
 }
 
 
@@ -411,11 +421,10 @@ def load_config(
             ) from None
         file_reader = _Reader(origin, base_dir)
         raw = file_reader.mapping(loaded, "", _TOP_KEYS)
-        raw["prometheus"] = file_reader.mapping(
-            raw.get("prometheus"), "prometheus", _PROMETHEUS_KEYS
-        )
+        for section, keys in _SECTIONS.items():
+            raw[section] = file_reader.mapping(raw.get(section), section, keys)
     else:
-        raw["prometheus"] = {}
+        raw.update({section: {} for section in _SECTIONS})
 
     # Environment overrides: each value remembers where it came from for error messages.
     sources: dict[str, _Reader] = {}
@@ -423,7 +432,7 @@ def load_config(
     for key_path, var in ENV_OVERRIDES.items():
         if var in environ:
             section, _, name = key_path.rpartition(".")
-            target = raw["prometheus"] if section else raw
+            target = raw[section] if section else raw
             target[name or key_path] = environ[var]
             sources[key_path] = _Reader(f"environment variable {var}", Path.cwd())
 
@@ -432,7 +441,7 @@ def load_config(
 
     def get(key_path: str, convert: Callable[[_Reader, str, Any], Any], default: Any) -> Any:
         section, _, name = key_path.rpartition(".")
-        mapping = raw["prometheus"] if section else raw
+        mapping = raw[section] if section else raw
         if mapping.get(name) is None:
             return default
         return convert(reader(key_path), key_path, mapping[name])
@@ -492,8 +501,38 @@ def load_config(
         api_tokens=api_tokens,
         refresh_seconds=float(get("refresh_seconds", _positive, 60.0)),
         rules_interval_seconds=float(get("rules_interval_seconds", _positive, 60.0)),
+        idle=IdleSettings(
+            threshold=float(get("idle.threshold", _fraction, DEFAULT_IDLE.threshold)),
+            window_seconds=int(
+                60 * get("idle.window_minutes", _positive, DEFAULT_IDLE.window_seconds / 60)
+            ),
+            namespace_thresholds=get("idle.namespaces", _namespace_thresholds, {}),
+        ),
         origin=origin,
     )
+
+
+DEFAULT_IDLE = IdleSettings()
+
+
+def _fraction(r: _Reader, key: str, value: Any) -> float:
+    number = float(_number(r, key, value, minimum=0))
+    if number > 1:
+        raise r.fail(key, f"must be a fraction of 1, got {value!r}", "write e.g. 0.05 for 5%")
+    return number
+
+
+def _namespace_thresholds(r: _Reader, key: str, value: Any) -> dict[str, float]:
+    if not isinstance(value, Mapping):
+        raise r.fail(key, f"expected a mapping, got {_describe(value)}", "write {batch: 0.02}")
+    out: dict[str, float] = {}
+    for name, threshold in value.items():
+        if not isinstance(name, str) or not re.fullmatch(
+            r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", name
+        ):
+            raise r.fail(f"{key}.{name}", "is not a namespace name", "use the namespace's name")
+        out[name] = _fraction(r, f"{key}.{name}", threshold)
+    return out
 
 
 def _positive(r: _Reader, key: str, value: Any) -> float:

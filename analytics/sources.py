@@ -52,27 +52,83 @@ _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _UNIT_MS |= {"w": 7 * _UNIT_MS["d"], "y": 365 * _UNIT_MS["d"]}
 
 
+#: Per source: the activity (0-1) and memory-used series of whole GPUs and MIG instances, with
+#: the matchers that pick each kind (see `RuleInputs.activity` and `RuleInputs.memory`).
+_ACTIVITY = {
+    "exporter": {
+        "whole": ("gpu_utilization_ratio", ""),
+        "mig": ("gpu_mig_sm_activity_ratio", ""),
+    },
+    "dcgm": {
+        "whole": (DCGM_ACTIVITY, 'GPU_I_PROFILE=""'),
+        "mig": (DCGM_ACTIVITY, 'GPU_I_PROFILE!=""'),
+    },
+}
+_MEMORY = {
+    "exporter": {
+        "whole": ("gpu_memory_used_bytes", "", 1),
+        "mig": ("gpu_mig_memory_used_bytes", "", 1),
+    },
+    "dcgm": {  # dcgm-exporter reports framebuffer memory in MiB
+        "whole": (DCGM_PRESENCE, 'GPU_I_PROFILE=""', 1024 * 1024),
+        "mig": (DCGM_PRESENCE, 'GPU_I_PROFILE!=""', 1024 * 1024),
+    },
+}
+
+
 @dataclass(frozen=True)
 class RuleInputs:
-    """The series (or expressions) the pricing rules read, in our label names.
+    """The series the pricing rules and the idle queries read, in our label names.
 
     `devices`, `mig_instances` and `allocations` are series names selectors can be added to;
-    the activity and process entries are whole expressions for a rule interval, or None when
-    the source has no such data.
+    activity and memory are built per source by `activity` and `memory`.
     """
 
     source: str
     devices: str
     mig_instances: str
     allocations: str
-    #: max by (uuid) of each whole GPU's activity (0-1), averaged over one rule interval.
-    whole_activity: str
-    #: max by (mig_uuid) of each MIG instance's activity (0-1), averaged over one rule interval.
-    mig_activity: str
     #: Per-process SM use of whole GPUs by (uuid, namespace, pod), averaged; None: not published.
     process_use: str | None
+    #: The rule interval as a range one millisecond short of it.
+    interval_range: str = "59999ms"
     #: (record, expr) adapter rules the pricing rules depend on, recorded first.
     adapters: tuple[tuple[str, str], ...] = ()
+
+    @staticmethod
+    def key(kind: str) -> str:
+        """The label naming a device of `kind` ("whole" or "mig"): uuid or mig_uuid."""
+        return "mig_uuid" if kind == "mig" else "uuid"
+
+    def _keyed(self, expr: str, kind: str) -> str:
+        """`expr` over the source's series, relabelled to carry our uuid / mig_uuid."""
+        if self.source != "dcgm":
+            return expr
+        return _mig_uuid(expr) if kind == "mig" else _rename(expr, "uuid", "UUID")
+
+    def activity(self, kind: str, function: str = "avg_over_time", window: str = "") -> str:
+        """`max by (key) (function(activity[window]))` (0-1) of whole GPUs or MIG instances:
+        GPU utilization or GPM SM activity from our exporter, graphics-engine activity from
+        DCGM (never DCGM_FI_DEV_GPU_UTIL, which reads 0 on MIG). Window: one rule interval."""
+        series, matchers = _ACTIVITY[self.source][kind]
+        inner = f"{function}({_select(series, matchers)}[{window or self.interval_range}])"
+        return f"max by ({self.key(kind)}) ({self._keyed(inner, kind)})"
+
+    def memory(self, kind: str) -> str:
+        """`max by (key)` of the memory used, in bytes, of whole GPUs or MIG instances."""
+        series, matchers, scale = _MEMORY[self.source][kind]
+        inner = _select(series, matchers) + (f" * {scale}" if scale != 1 else "")
+        return f"max by ({self.key(kind)}) ({self._keyed(inner, kind)})"
+
+    @property
+    def whole_activity(self) -> str:
+        """Each whole GPU's activity averaged over one rule interval, by uuid."""
+        return self.activity("whole")
+
+    @property
+    def mig_activity(self) -> str:
+        """Each MIG instance's activity averaged over one rule interval, by mig_uuid."""
+        return self.activity("mig")
 
 
 def interval_range(interval: str) -> str:
@@ -126,11 +182,10 @@ def rule_inputs(
         devices="gpu_info",
         mig_instances="gpu_mig_info",
         allocations=allocations,
-        whole_activity=f"max by (uuid) (avg_over_time(gpu_utilization_ratio[{window}]))",
-        mig_activity=f"max by (mig_uuid) (avg_over_time(gpu_mig_sm_activity_ratio[{window}]))",
         process_use=(
             f"sum by (uuid, namespace, pod) (\n  {_pod_labels_from(process, label_prefix)}\n)"
         ),
+        interval_range=window,
         adapters=tuple(adapters),
     )
 
@@ -160,22 +215,23 @@ def _dcgm_inputs(window: str, prefix: str, team_label: str, team_source: TeamSou
         "# Device series with a pod: dcgm-exporter labels a device with the pod holding it\n"
         "# (one copy per pod on a shared GPU with its virtual-GPU mode).\n" + allocations
     )
-    activity = f'avg_over_time({DCGM_ACTIVITY}{{GPU_I_PROFILE=""}}[{window}])'
-    mig_activity = f'avg_over_time({DCGM_ACTIVITY}{{GPU_I_PROFILE!=""}}[{window}])'
     return RuleInputs(
         source="dcgm",
         devices=DCGM_DEVICES,
         mig_instances=DCGM_MIG,
         allocations=DCGM_ALLOCATIONS,
-        whole_activity=f"max by (uuid) ({_rename(activity, 'uuid', 'UUID')})",
-        mig_activity=f"max by (mig_uuid) ({_mig_uuid(mig_activity)})",
         process_use=None,
+        interval_range=window,
         adapters=(
             (DCGM_DEVICES, devices),
             (DCGM_MIG, mig),
             (DCGM_ALLOCATIONS, allocations),
         ),
     )
+
+
+def _select(series: str, matchers: str) -> str:
+    return f"{series}{{{matchers}}}" if matchers else series
 
 
 def _rename(expr: str, target: str, source: str) -> str:

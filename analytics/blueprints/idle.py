@@ -1,0 +1,197 @@
+"""Allocated-but-idle GPUs and MIG slices over a window, and capacity nobody holds.
+
+The detection lives in :mod:`analytics.idle` (and, as recording and alert rules, in `rules/`);
+this module parses the request, runs it against Prometheus and shapes the answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, request
+
+from analytics import cost, idle
+from analytics.context import services
+from analytics.envelope import success
+from analytics.openapi import DOLLARS, NULLABLE_NUMBER, NULLABLE_STRING, operation, query_param
+from analytics.promql import validate_name
+
+api = Blueprint("idle", __name__)
+
+_TAG = "idle"
+FORMATS = ("json", "csv")
+
+
+def _arg(name: str) -> str | None:
+    value = request.args.get(name)
+    return value if value not in (None, "") else None
+
+
+def run_idle(window: cost.Window, filters: dict[str, str] | None = None) -> idle.IdleReport:
+    """The idle report for a window, with the service's configuration."""
+    ctx = services()
+    return idle.find_idle(
+        ctx.prometheus,
+        ctx.config.rule_inputs(),
+        ctx.config.idle,
+        start=window.start.timestamp(),
+        end=window.end.timestamp(),
+        team_label=ctx.config.team_label,
+        rules_interval_seconds=ctx.config.rules_interval_seconds,
+        filters=filters,
+    )
+
+
+@api.get("/gpu/idle")
+def idle_list() -> Response:
+    """Allocated-but-idle devices in the window (most idle cost first), then unallocated ones."""
+    window = cost.parse_window(
+        now=services().clock(),
+        window=_arg("window"),
+        start=_arg("start"),
+        end=_arg("end"),
+        default="24h",
+    )
+    fmt = cost.parse_choice(_arg("format"), "format", FORMATS, "json")
+    filters: dict[str, str] = {}
+    namespace, team = _arg("namespace"), _arg("team")
+    if namespace is not None:
+        filters["namespace"] = validate_name(namespace, "namespace", rule="dns-label")
+    if team is not None:
+        filters[services().config.team_label] = validate_name(team, "team", rule="label-value")
+    settings = services().config.idle
+    report = run_idle(window, filters)
+    items = [idle.item_record(item, settings) for item in report.items]
+    if fmt == "csv":
+        name = f"gpu-idle-{window.start:%Y%m%dT%H%M%SZ}-{window.end:%Y%m%dT%H%M%SZ}"
+        return Response(
+            idle.idle_csv(items),
+            mimetype="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
+        )
+    unallocated = idle.unallocated_records(report.unallocated, window.seconds)
+    idle_costs = [i["idleCost"] for i in items if i["idleCost"] is not None]
+    data = {
+        "window": window.describe(),
+        "filters": {"namespace": namespace, "team": team},
+        "definition": {
+            "threshold": settings.threshold,
+            "namespaceThresholds": dict(settings.namespace_thresholds),
+            "windowMinutes": settings.window_seconds / 60,
+            "stepSeconds": report.step_seconds,
+            "source": services().config.source,
+        },
+        "currency": cost.CURRENCY,
+        "count": len(items),
+        "idleNowCount": sum(1 for i in items if i["idleNow"]),
+        "idleGpuHours": round(sum(i["idleHours"] * i["gpuEquivalents"] for i in items), 6),
+        "idleCost": cost.money(sum(idle_costs)) if idle_costs else None,
+        "items": items,
+        "unallocated": unallocated if not filters else None,
+        "unallocatedCost": (
+            cost.money(sum(u["cost"] for u in unallocated)) if not filters else None
+        ),
+    }
+    return success(data)
+
+
+_EVIDENCE = {
+    "type": "object",
+    "properties": {
+        "threshold": {"type": "number"},
+        "windowMinutes": {"type": "number"},
+        "maxActivity": {"type": "number"},
+        "meanActivity": {"type": "number"},
+        "samples": {"type": "integer"},
+        "memoryHeldBytes": NULLABLE_NUMBER,
+    },
+}
+_ITEM = {
+    "type": "object",
+    "properties": {
+        "category": {"type": "string", "enum": ["allocated_idle"]},
+        "deviceId": {"type": "string"},
+        "kind": {"type": "string", "enum": ["gpu", "mig"]},
+        "node": NULLABLE_STRING,
+        "gpu": NULLABLE_STRING,
+        "model": NULLABLE_STRING,
+        "migProfile": NULLABLE_STRING,
+        "parentUuid": NULLABLE_STRING,
+        "namespace": {"type": "string"},
+        "pod": {"type": "string"},
+        "team": NULLABLE_STRING,
+        "idleNow": {"type": "boolean"},
+        "idleSince": {"type": "string", "format": "date-time"},
+        "idleHours": {"type": "number"},
+        "idleSpells": {"type": "integer"},
+        "gpuEquivalents": {"type": "number"},
+        "idleCost": DOLLARS,
+        "costPerHour": DOLLARS,
+        "evidence": _EVIDENCE,
+    },
+}
+_UNALLOCATED = {
+    "type": "object",
+    "properties": {
+        "category": {"type": "string", "enum": ["unallocated"]},
+        "deviceId": {"type": "string"},
+        "node": NULLABLE_STRING,
+        "gpu": NULLABLE_STRING,
+        "model": NULLABLE_STRING,
+        "unallocatedHours": {"type": "number"},
+        "cost": {"type": "number"},
+    },
+}
+
+OPENAPI_PATHS: dict[str, Any] = {
+    "/api/v1/gpu/idle": {
+        "get": operation(
+            summary="Allocated-but-idle GPUs and MIG slices in a window, and unallocated capacity",
+            tag=_TAG,
+            operation_id="getGpuIdle",
+            description=(
+                "A device a pod holds is idle while its activity stays under the threshold "
+                "(GPU utilization, GPM SM activity on MIG, DCGM graphics-engine activity); a "
+                "spell counts once it lasts the idle window. Each item is one pod on one "
+                "device with its idle time in the window, its cost and the evidence. "
+                "format=csv answers text/csv with columns " + ",".join(idle.CSV_COLUMNS) + "."
+            ),
+            parameters=[
+                query_param(
+                    "window",
+                    {"type": "string", "pattern": "^[1-9][0-9]*[hdw]$", "default": "24h"},
+                    "Window length ending at `end`: 24h, 7d.",
+                ),
+                query_param("start", {"type": "string"}, "Window start (not with window)."),
+                query_param("end", {"type": "string"}, "Window end; default now."),
+                query_param("namespace", {"type": "string"}, "Only this namespace."),
+                query_param("team", {"type": "string"}, "Only this team."),
+                query_param(
+                    "format",
+                    {"type": "string", "enum": list(FORMATS), "default": "json"},
+                    "json (the envelope) or csv.",
+                ),
+            ],
+            errors=(400, 503),
+            data={
+                "type": "object",
+                "properties": {
+                    "window": {"type": "object"},
+                    "filters": {"type": "object"},
+                    "definition": {"type": "object"},
+                    "currency": {"type": "string"},
+                    "count": {"type": "integer"},
+                    "idleNowCount": {"type": "integer"},
+                    "idleGpuHours": {"type": "number"},
+                    "idleCost": DOLLARS,
+                    "items": {"type": "array", "items": _ITEM},
+                    "unallocated": {"type": "array", "nullable": True, "items": _UNALLOCATED},
+                    "unallocatedCost": DOLLARS,
+                },
+            },
+        )
+    }
+}
+OPENAPI_PATHS["/api/v1/gpu/idle"]["get"]["responses"]["200"]["content"]["text/csv"] = {
+    "schema": {"type": "string"}
+}
