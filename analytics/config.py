@@ -30,6 +30,7 @@ Keys (all optional; defaults in brackets)::
       threshold: 0.05                   # activity (0-1) under which a held device is idle [0.05]
       window_minutes: 30                # how long it must stay under to count [30]
       namespaces: {batch: 0.02}         # per-namespace thresholds [none]
+    rightsize_headroom: 0.2             # spare memory/compute left on a smaller MIG profile [0.2]
 
 Every scalar key has an environment override named after its path: ``GPU_ANALYTICS_`` plus the
 upper-cased path joined by ``_``, e.g. ``GPU_ANALYTICS_PROMETHEUS_URL``, ``GPU_ANALYTICS_LISTEN``.
@@ -123,6 +124,8 @@ class Config:
     #: The cost rules' evaluation interval: each recorded sample stands for this long.
     rules_interval_seconds: float = 60.0
     idle: IdleSettings = field(default_factory=IdleSettings)
+    #: Right-sizing suggestions keep this much spare memory and compute on the smaller profile.
+    rightsize_headroom: float = 0.2
     # Where the configuration came from, for messages ("<defaults>" when built in code).
     origin: str = "<defaults>"
 
@@ -359,6 +362,7 @@ _TOP_KEYS = (
     "refresh_seconds",
     "rules_interval_seconds",
     "idle",
+    "rightsize_headroom",
 )
 _PROMETHEUS_KEYS = (
     "url",
@@ -501,6 +505,7 @@ def load_config(
         api_tokens=api_tokens,
         refresh_seconds=float(get("refresh_seconds", _positive, 60.0)),
         rules_interval_seconds=float(get("rules_interval_seconds", _positive, 60.0)),
+        rightsize_headroom=float(get("rightsize_headroom", _fraction, 0.2)),
         idle=IdleSettings(
             threshold=float(get("idle.threshold", _fraction, DEFAULT_IDLE.threshold)),
             window_seconds=int(

@@ -106,19 +106,35 @@ class RuleInputs:
             return expr
         return _mig_uuid(expr) if kind == "mig" else _rename(expr, "uuid", "UUID")
 
-    def activity(self, kind: str, function: str = "avg_over_time", window: str = "") -> str:
-        """`max by (key) (function(activity[window]))` (0-1) of whole GPUs or MIG instances:
-        GPU utilization or GPM SM activity from our exporter, graphics-engine activity from
-        DCGM (never DCGM_FI_DEV_GPU_UTIL, which reads 0 on MIG). Window: one rule interval."""
+    def activity(
+        self, kind: str, function: str = "avg_over_time", window: str = "", param: str = ""
+    ) -> str:
+        """`max by (key) (function([param,] activity[window]))` (0-1) of whole GPUs or MIG
+        instances: GPU utilization or GPM SM activity from our exporter, graphics-engine
+        activity from DCGM (never DCGM_FI_DEV_GPU_UTIL, which reads 0 on MIG). Window: one
+        rule interval by default."""
         series, matchers = _ACTIVITY[self.source][kind]
-        inner = f"{function}({_select(series, matchers)}[{window or self.interval_range}])"
+        head = f"{param}, " if param else ""
+        selected = f"{_select(series, matchers)}[{window or self.interval_range}]"
+        return f"max by ({self.key(kind)}) ({self._keyed(f'{function}({head}{selected})', kind)})"
+
+    def memory(self, kind: str, function: str = "", window: str = "") -> str:
+        """`max by (key)` of the memory used, in bytes, of whole GPUs or MIG instances, or of
+        `function(memory[window])` (e.g. its peak with max_over_time)."""
+        series, matchers, scale = _MEMORY[self.source][kind]
+        inner = _select(series, matchers)
+        if function:
+            inner = f"{function}({inner}[{window}])"
+        inner += f" * {scale}" if scale != 1 else ""
         return f"max by ({self.key(kind)}) ({self._keyed(inner, kind)})"
 
-    def memory(self, kind: str) -> str:
-        """`max by (key)` of the memory used, in bytes, of whole GPUs or MIG instances."""
-        series, matchers, scale = _MEMORY[self.source][kind]
-        inner = _select(series, matchers) + (f" * {scale}" if scale != 1 else "")
-        return f"max by ({self.key(kind)}) ({self._keyed(inner, kind)})"
+    def memory_total(self) -> str:
+        """Each whole GPU's memory size in bytes, by uuid (DCGM: used plus free)."""
+        if self.source == "dcgm":
+            used, free = DCGM_PRESENCE, "DCGM_FI_DEV_FB_FREE"
+            inner = f'({used}{{GPU_I_PROFILE=""}} + {free}{{GPU_I_PROFILE=""}}) * 1048576'
+            return f"max by (uuid) ({_rename(inner, 'uuid', 'UUID')})"
+        return "max by (uuid) (gpu_memory_total_bytes)"
 
     @property
     def whole_activity(self) -> str:

@@ -15,8 +15,9 @@ from typing import Any
 import pandas as pd
 from flask import Blueprint, Response, request
 
-from analytics import cost, pricing
+from analytics import cost, optimize, pricing
 from analytics.auth import API_PREFIX
+from analytics.blueprints import idle as idle_area
 from analytics.context import services
 from analytics.envelope import ApiError, ErrorCode, success, utc_timestamp
 from analytics.openapi import DOLLARS, NULLABLE_RATIO, operation, query_param
@@ -112,7 +113,7 @@ def cost_analysis() -> Response:
         "idleCost": {cost.UNALLOCATED: cost.money(unallocated)},
         "totalCost": cost.money(total),
         "allocatedCost": cost.money(allocated),
-        "potentialMonthlySavings": None,
+        "potentialMonthlySavings": optimize.potential_savings(idle_area.run_suggestions(window)),
         "analysisDate": utc_timestamp(now),
         "currency": cost.CURRENCY,
         "window": window.describe(),

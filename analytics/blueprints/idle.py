@@ -1,16 +1,19 @@
-"""Allocated-but-idle GPUs and MIG slices over a window, and capacity nobody holds.
+"""Idle and savings: allocated-but-idle GPUs and MIG slices, capacity nobody holds, and the
+optimisation suggestions (release, right-size, consolidate) with their monthly savings.
 
-The detection lives in :mod:`analytics.idle` (and, as recording and alert rules, in `rules/`);
-this module parses the request, runs it against Prometheus and shapes the answer.
+The detection lives in :mod:`analytics.idle` (and, as recording and alert rules, in `rules/`),
+the suggestions in :mod:`analytics.optimize`; this module parses requests, runs them against
+Prometheus and shapes the answers.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from flask import Blueprint, Response, request
 
-from analytics import cost, idle
+from analytics import cost, idle, optimize
 from analytics.context import services
 from analytics.envelope import success
 from analytics.openapi import DOLLARS, NULLABLE_NUMBER, NULLABLE_STRING, operation, query_param
@@ -39,6 +42,50 @@ def run_idle(window: cost.Window, filters: dict[str, str] | None = None) -> idle
         team_label=ctx.config.team_label,
         rules_interval_seconds=ctx.config.rules_interval_seconds,
         filters=filters,
+    )
+
+
+def run_suggestions(window: cost.Window) -> list[dict[str, Any]]:
+    """Optimisation suggestions over a window, largest saving first."""
+    ctx = services()
+    report = run_idle(window)
+    holdings = optimize.gather_holdings(
+        ctx.prometheus,
+        ctx.config.rule_inputs(),
+        start=window.start.timestamp(),
+        end=window.end.timestamp(),
+        team_label=ctx.config.team_label,
+        rules_interval_seconds=ctx.config.rules_interval_seconds,
+    )
+    return optimize.suggestions(
+        report.items,
+        holdings,
+        window_seconds=window.seconds,
+        pricing=ctx.pricing,
+        headroom=ctx.config.rightsize_headroom,
+    )
+
+
+def days_window(default: int = cost.DEFAULT_DAYS) -> cost.Window:
+    """The last `days` days (query parameter) up to the service clock, in whole seconds."""
+    days = cost.parse_int(_arg("days"), "days", default=default, low=1, high=cost.MAX_WINDOW_DAYS)
+    end = services().clock().astimezone(dt.UTC).replace(microsecond=0)
+    return cost.Window(end - dt.timedelta(days=days), end)
+
+
+@api.get("/gpu/cost/optimization")
+def optimization() -> Response:
+    """The seed's optimisation endpoint: savings suggestions from the last `days` days."""
+    window = days_window()
+    found = run_suggestions(window)
+    return success(
+        {
+            "window": window.describe(),
+            "currency": cost.CURRENCY,
+            "potentialMonthlySavings": optimize.potential_savings(found),
+            "count": len(found),
+            "suggestions": found,
+        }
     )
 
 
@@ -143,7 +190,64 @@ _UNALLOCATED = {
     },
 }
 
+_SUGGESTION = {
+    "type": "object",
+    "properties": {
+        "type": {"type": "string", "enum": ["release", "right-size", "consolidate"]},
+        "action": {"type": "string"},
+        "estimatedMonthlySavings": DOLLARS,
+        "confidence": {"type": "string", "enum": ["high", "medium", "low"]},
+        "evidence": {"type": "object"},
+        "namespace": {"type": "string"},
+        "pod": {"type": "string"},
+        "team": NULLABLE_STRING,
+        "deviceId": {"type": "string"},
+        "model": NULLABLE_STRING,
+        "migProfile": NULLABLE_STRING,
+        "targetProfile": {"type": "string"},
+        "pods": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["type", "action", "estimatedMonthlySavings", "confidence", "evidence"],
+}
+
 OPENAPI_PATHS: dict[str, Any] = {
+    "/api/v1/gpu/cost/optimization": {
+        "get": operation(
+            summary="Savings suggestions: release idle GPUs, right-size to MIG, consolidate",
+            tag=_TAG,
+            operation_id="getGpuCostOptimization",
+            description=(
+                "From the last `days` days: release devices pods hold idle for at least a "
+                "quarter of the window; move pods whose peak memory and p95 activity (with the "
+                "configured headroom) fit a smaller MIG profile; share GPUs among long-running "
+                "low-activity pods. Savings are per month (730 h) at the configured prices; "
+                "null where a device has no price. potentialMonthlySavings counts each pod once."
+            ),
+            parameters=[
+                query_param(
+                    "days",
+                    {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": cost.MAX_WINDOW_DAYS,
+                        "default": 7,
+                    },
+                    "How many days of history to judge by.",
+                )
+            ],
+            errors=(400, 503),
+            data={
+                "type": "object",
+                "properties": {
+                    "window": {"type": "object"},
+                    "currency": {"type": "string"},
+                    "potentialMonthlySavings": DOLLARS,
+                    "count": {"type": "integer"},
+                    "suggestions": {"type": "array", "items": _SUGGESTION},
+                },
+            },
+        )
+    },
     "/api/v1/gpu/idle": {
         "get": operation(
             summary="Allocated-but-idle GPUs and MIG slices in a window, and unallocated capacity",
@@ -190,7 +294,7 @@ OPENAPI_PATHS: dict[str, Any] = {
                 },
             },
         )
-    }
+    },
 }
 OPENAPI_PATHS["/api/v1/gpu/idle"]["get"]["responses"]["200"]["content"]["text/csv"] = {
     "schema": {"type": "string"}

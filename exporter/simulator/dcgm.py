@@ -25,6 +25,7 @@ import numpy as np
 #: dcgm-exporter's series this fixture writes, and their Prometheus types.
 DCGM_METRICS: dict[str, str] = {
     "DCGM_FI_DEV_FB_USED": "gauge",
+    "DCGM_FI_DEV_FB_FREE": "gauge",
     "DCGM_FI_DEV_GPU_UTIL": "gauge",
     "DCGM_FI_PROF_GR_ENGINE_ACTIVE": "gauge",
     # kube-state-metrics' pod labels, where DCGM users take teams from.
@@ -127,22 +128,29 @@ def dcgm_series(
             text = [fmt.format(v) for v in values[index].tolist()]
             out[metric].append(DcgmSeries((*device, *pod_labels), text, index))
 
+    totals = {
+        _pairs(t.labels).get("mig_uuid") or _pairs(t.labels)["uuid"]: _values(t, n)  # type: ignore[attr-defined]
+        for t in [*series["gpu_memory_total_bytes"], *series["gpu_mig_memory_total_bytes"]]
+    }
+    carved = {_pairs(m.labels)["uuid"] for m in series["gpu_mig_info"]}  # type: ignore[attr-defined]
+
+    def memory(ours: Mapping[str, str], used: np.ndarray) -> None:
+        emit("DCGM_FI_DEV_FB_USED", ours, np.floor(used / _MIB), "{:.0f}")
+        total = totals.get(ours.get("mig_uuid") or ours["uuid"])
+        if total is not None:
+            emit("DCGM_FI_DEV_FB_FREE", ours, np.floor((total - used) / _MIB), "{:.0f}")
+
     for used in series["gpu_memory_used_bytes"]:
         ours = _pairs(used.labels)  # type: ignore[attr-defined]
-        is_mig = any(
-            _pairs(m.labels)["uuid"] == ours["uuid"]  # type: ignore[attr-defined]
-            for m in series["gpu_mig_info"]
-        )
-        if not is_mig:
-            emit("DCGM_FI_DEV_FB_USED", ours, np.floor(_values(used, n) / _MIB), "{:.0f}")
+        if ours["uuid"] not in carved:
+            memory(ours, _values(used, n))
     for util in series["gpu_utilization_ratio"]:
         ours = _pairs(util.labels)  # type: ignore[attr-defined]
         percent = _values(util, n)  # the history keeps whole percent; it writes them / 100
         emit("DCGM_FI_DEV_GPU_UTIL", ours, percent, "{:.0f}")
         emit("DCGM_FI_PROF_GR_ENGINE_ACTIVE", ours, percent / 100.0, "{!r}")
     for used in series["gpu_mig_memory_used_bytes"]:
-        ours = _pairs(used.labels)  # type: ignore[attr-defined]
-        emit("DCGM_FI_DEV_FB_USED", ours, np.floor(_values(used, n) / _MIB), "{:.0f}")
+        memory(_pairs(used.labels), _values(used, n))  # type: ignore[attr-defined]
     for active in series["gpu_mig_sm_activity_ratio"]:
         ours = _pairs(active.labels)  # type: ignore[attr-defined]
         emit("DCGM_FI_PROF_GR_ENGINE_ACTIVE", ours, _values(active, n), "{!r}")

@@ -194,7 +194,8 @@ def test_analysis_over_the_three_recorded_days_is_exact(client: FlaskClient) -> 
     assert got["costByModel"] == {H100: cents(504.0), A100: cents(84.0)}
     assert got["costByMigProfile"] == {"3g.40gb": cents(72.0), "1g.10gb": cents(12.0)}
     assert got["idleCost"] == {"unallocated": cents(222.0)}
-    assert got["potentialMonthlySavings"] is None
+    # Only recorded cost series here (no device activity): no suggestion, nothing to save.
+    assert got["potentialMonthlySavings"] == 0.0
     assert got["analysisDate"] == iso(T_END)
     assert got["currency"] == "USD"
     assert got["window"] == {"start": iso(T0), "end": iso(T_END), "days": 3}

@@ -214,3 +214,23 @@ def test_dcgm_shaped_data_gives_the_same_idle_list(history: History, dcgm_histor
     assert ours.keys() == dcgm.keys()
     for key, minutes in ours.items():
         assert dcgm[key] == pytest.approx(minutes, abs=2), key
+
+
+def test_optimization_suggests_releasing_the_forgotten_gpu(history: History) -> None:
+    response = history.client.get("/api/v1/gpu/cost/optimization", query_string={"days": 1})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    data = response.get_json()["data"]
+    release = {(s["namespace"], s["pod"]): s for s in data["suggestions"] if s["type"] == "release"}
+    forgotten = release[("research", "forgotten")]
+    # An L4 at 0.75 $/h idle the whole day: releasing it saves its month.
+    assert forgotten["estimatedMonthlySavings"] == pytest.approx(0.75 * 730, rel=0.01)
+    assert forgotten["confidence"] == "high"
+    # The busy trainer is not told to release its GPU.
+    assert ("ml", "trainer") not in release
+    assert data["potentialMonthlySavings"] == pytest.approx(
+        sum(s["estimatedMonthlySavings"] or 0 for s in data["suggestions"]), rel=1e-6
+    )
+    analysis = history.client.get("/api/v1/gpu/cost/analysis", query_string={"days": 1})
+    assert analysis.get_json()["data"]["potentialMonthlySavings"] == data["potentialMonthlySavings"]
+    bad = history.client.get("/api/v1/gpu/cost/optimization", query_string={"days": "-1"})
+    assert bad.status_code == 400
