@@ -11,7 +11,7 @@ VENV_PY := $(VENV)/bin/python
 # Rebuilt whenever pyproject.toml changes.
 VENV_STAMP := $(VENV)/.installed-from-pyproject
 
-.PHONY: help system-deps venv lint test demo docs golden bench proto rules clean distclean
+.PHONY: help system-deps venv crd-schemas lint test demo docs golden bench proto rules dashboards clean distclean
 
 help:
 	@echo "make demo         run a simulated GPU fleet, its exporters and a real Prometheus"
@@ -21,9 +21,11 @@ help:
 	@echo "make golden       regenerate the golden exposition files"
 	@echo "make bench        run the exporter scrape benchmark"
 	@echo "make proto        regenerate the kubelet pod-resources gRPC code"
-	@echo "make rules        regenerate rules/pricing.yml from examples/pricing.yaml"
+	@echo "make rules        regenerate rules/pricing.yml and the GPU rules and alerts (monitoring/values.yaml)"
+	@echo "make dashboards   regenerate the Grafana dashboards in dashboards/"
 	@echo "make system-deps  apt-get install prometheus and alertmanager if missing"
 	@echo "make venv         create .venv and install the project with test extras"
+	@echo "make crd-schemas  npm-install the prometheus-operator CRD validators the chart tests use"
 	@echo "make clean        remove caches and demo state (distclean: the venv too)"
 
 system-deps:
@@ -41,13 +43,24 @@ $(VENV_STAMP): pyproject.toml
 	$(VENV_PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $@
 
+# prometheus-operator CRD validators (npm, versions locked in tests/helm/package-lock.json) for
+# the Helm chart tests; installs Node.js and npm from Debian when missing.
+CRD_SCHEMAS := .cache/crd-schemas
+CRD_STAMP := $(CRD_SCHEMAS)/.installed
+
+crd-schemas: $(CRD_STAMP)
+
+$(CRD_STAMP): tests/helm/package.json tests/helm/package-lock.json tests/helm/install-crd-schemas.sh
+	bash tests/helm/install-crd-schemas.sh $(CRD_SCHEMAS)
+	@touch $@
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 # pytest exits 5 when it collects nothing; that is a failure, never a pass.
-test: system-deps venv lint
+test: system-deps venv crd-schemas lint
 	@rc=0; $(VENV)/bin/pytest || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; \
 	exit $$rc
@@ -77,9 +90,13 @@ rules: venv
 	$(VENV_PY) -m analytics.pricing --pricing examples/pricing.yaml --out rules/pricing.yml
 	$(VENV_PY) -m analytics.pricing --pricing examples/pricing.yaml --shared-gpu-split usage \
 		--out rules/tests/pricing_usage.yml
+	$(VENV_PY) -m monitoring.rules
+
+dashboards: venv
+	$(VENV_PY) -m monitoring.dashboards
 
 clean:
-	rm -rf .demo build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache docs/metrics.md.tmp
+	rm -rf .demo build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache docs/metrics.md.tmp .cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
