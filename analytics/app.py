@@ -29,7 +29,12 @@ from analytics.prometheus import (
     PrometheusUnavailable,
 )
 from analytics.promql import InvalidParameter
-from analytics.telemetry import CostMetrics, InstrumentedPrometheus, ServiceMetrics
+from analytics.telemetry import (
+    InstrumentedPrometheus,
+    ServiceMetrics,
+    cost_metrics,
+    idle_metrics,
+)
 
 log = logging.getLogger("gpu-analytics")
 
@@ -94,9 +99,8 @@ def create_app(
         registry=registry,
         metrics=metrics,
     )
-    registry.register(
-        CostMetrics(ctx.prometheus, config.team_label, refresh_seconds=config.refresh_seconds)
-    )
+    registry.register(cost_metrics(ctx.prometheus, config.refresh_seconds))
+    registry.register(idle_metrics(ctx.prometheus, config, prices, ctx.clock))
     app.extensions[EXTENSION_KEY] = ctx
     app.extensions[CLOCK_KEY] = ctx.clock
 

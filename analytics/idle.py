@@ -336,11 +336,12 @@ def unallocated_records(
     return out
 
 
-def monthly_saving(item: IdleItem, window_seconds: float) -> float | None:
-    """What releasing the device would save a month, at the idle fraction seen in the window."""
-    if item.price_per_hour is None or window_seconds <= 0:
+def monthly_saving(item: IdleItem, held_seconds: float) -> float | None:
+    """What releasing the device would save a month: its price share at the fraction of the
+    time the pod held it that it sat idle."""
+    if item.price_per_hour is None or held_seconds <= 0:
         return None
-    return item.price_per_hour * HOURS_PER_MONTH * min(item.idle_seconds / window_seconds, 1.0)
+    return item.price_per_hour * HOURS_PER_MONTH * min(item.idle_seconds / held_seconds, 1.0)
 
 
 def idle_csv(records: Sequence[Mapping[str, Any]]) -> str:

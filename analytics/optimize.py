@@ -113,16 +113,23 @@ def _confidence(score: float) -> str:
 
 
 def release_suggestions(
-    items: Sequence[idle.IdleItem], window_seconds: float
+    items: Sequence[idle.IdleItem],
+    window_seconds: float,
+    held_seconds: Mapping[tuple[str, str, str], float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Release devices pods hold and do not use (idle for a good part of the window)."""
+    """Release devices pods hold and do not use: idle for at least RELEASE_MIN_IDLE of the
+    time they held them in the window (`held_seconds` by (namespace, pod, device); the whole
+    window where unknown)."""
     out = []
     for item in items:
-        fraction = min(item.idle_seconds / window_seconds, 1.0) if window_seconds else 0.0
+        labels = item.labels
+        key = (str(labels["namespace"]), str(labels["pod"]), str(labels["device"]))
+        held = (held_seconds or {}).get(key, window_seconds)
+        held = max(held, item.idle_seconds)
+        fraction = min(item.idle_seconds / held, 1.0) if held else 0.0
         if fraction < RELEASE_MIN_IDLE:
             continue
-        labels = item.labels
-        saving = idle.monthly_saving(item, window_seconds)
+        saving = idle.monthly_saving(item, held)
         out.append(
             {
                 "type": "release",
@@ -135,7 +142,7 @@ def release_suggestions(
                 "action": (
                     f"release the {'MIG slice' if labels['mig_uuid'] else 'GPU'} held by "
                     f"{labels['namespace']}/{labels['pod']}: idle "
-                    f"{fraction:.0%} of the window"
+                    f"{fraction:.0%} of the time it held it"
                 ),
                 "estimatedMonthlySavings": None if saving is None else round(saving, 2),
                 "confidence": _confidence(fraction if item.idle_now else fraction * 0.7),
@@ -350,7 +357,11 @@ def suggestions(
 ) -> list[dict[str, Any]]:
     """All suggestions, largest saving first. A pod told to release its device is not also
     told to resize it or share it."""
-    released = release_suggestions(idle_items, window_seconds)
+    held = {
+        (h.namespace, h.pod, h.mig_uuid or h.uuid): h.held_fraction * window_seconds
+        for h in holdings
+    }
+    released = release_suggestions(idle_items, window_seconds, held)
     gone = {(s["namespace"], s["pod"], s["deviceId"]) for s in released}
     rest = [h for h in holdings if (h.namespace, h.pod, h.mig_uuid or h.uuid) not in gone]
     found = [*released, *rightsize_suggestions(rest, pricing, headroom)]

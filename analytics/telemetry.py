@@ -9,14 +9,18 @@ blueprint catches and degrades around are counted too.
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, Response, g, request
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
+
+log = logging.getLogger(__name__)
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "<unmatched>"
@@ -125,74 +129,75 @@ class InstrumentedPrometheus:
         return call
 
 
-class CostMetrics:
-    """The service's results as metrics: current GPU cost per hour by namespace and by team.
+@dataclass(frozen=True)
+class Family:
+    """One gauge family a background refresh publishes: name, help and label names."""
 
-    Read from the recorded pricing series by a background refresh every `refresh_seconds`, so
-    a scrape of /metrics never waits on Prometheus. Until the first refresh succeeds nothing
-    is published (never a made-up 0); if a refresh fails, the last values stay and
-    `gpu_analytics_cost_refresh_success` says 0.
+    name: str
+    help: str
+    labels: tuple[str, ...] = ()
+
+
+#: A refresh's answer: family name -> [(label values, value)].
+Readings = dict[str, list[tuple[tuple[str, ...], float]]]
+
+
+class RefreshedMetrics:
+    """Gauges computed from Prometheus by a background refresh every `refresh_seconds`.
+
+    A scrape of /metrics never waits on Prometheus. Until the first refresh succeeds nothing
+    is published (never a made-up 0); if a refresh fails, the last values stay and the
+    `<success_name>` gauge says 0.
     """
 
-    def __init__(self, prometheus: Any, team_label: str, refresh_seconds: float) -> None:
-        self._prometheus = prometheus
-        self._team_label = team_label
+    def __init__(
+        self,
+        name: str,
+        families: tuple[Family, ...],
+        compute: Callable[[], Readings],
+        refresh_seconds: float,
+        success: Family,
+    ) -> None:
+        self._name = name
+        self._families = families
+        self._compute = compute
         self._refresh_seconds = refresh_seconds
+        self._success_family = success
         self._lock = threading.Lock()
-        self._values: dict[str, dict[str, float]] = {}
+        self._values: Readings = {}
         self._success: bool | None = None
         self._thread: threading.Thread | None = None
 
     def refresh(self) -> None:
-        """Query the recorded cost rates once (the background thread calls this)."""
-        from analytics import pricing
-
+        """Compute the readings once (the background thread calls this)."""
         try:
-            values = {
-                "namespace": self._latest(pricing.NAMESPACE_COST, "namespace"),
-                "team": self._latest(pricing.TEAM_COST, "team"),
-            }
-        except Exception:  # an outage or a bad answer: keep what we had, say it failed
+            values = self._compute()
+        except Exception as error:  # an outage or a bad answer: keep what we had, say so
+            log.warning("refreshing the %s metrics failed: %s", self._name, error)
             with self._lock:
                 self._success = False
             return
         with self._lock:
             self._values, self._success = values, True
 
-    def _latest(self, metric: str, label: str) -> dict[str, float]:
-        samples = self._prometheus.query(f"sum by ({label}) ({metric})")
-        return {str(s.labels.get(label, "")): float(s.value) for s in samples}
-
     def describe(self) -> Iterator[Metric]:
         """Families without samples: registering does not start the refresh thread."""
-        yield GaugeMetricFamily("gpu_analytics_namespace_cost_dollars_per_hour", "", labels=[])
-        yield GaugeMetricFamily("gpu_analytics_team_cost_dollars_per_hour", "", labels=[])
-        yield GaugeMetricFamily("gpu_analytics_cost_refresh_success", "", labels=[])
+        for family in (*self._families, self._success_family):
+            yield GaugeMetricFamily(family.name, family.help, labels=[])
 
     def collect(self) -> Iterator[Metric]:
         self._ensure_refreshing()
         with self._lock:
             values, success = dict(self._values), self._success
-        namespaces = GaugeMetricFamily(
-            "gpu_analytics_namespace_cost_dollars_per_hour",
-            "GPU cost per hour of each namespace now, in US dollars, from the pricing rules.",
-            labels=["namespace"],
-        )
-        for name, value in sorted(values.get("namespace", {}).items()):
-            namespaces.add_metric([name], value)
-        teams = GaugeMetricFamily(
-            "gpu_analytics_team_cost_dollars_per_hour",
-            "GPU cost per hour of each team now, in US dollars (team '' when pods have none).",
-            labels=["team"],
-        )
-        for name, value in sorted(values.get("team", {}).items()):
-            teams.add_metric([name], value)
-        yield namespaces
-        yield teams
+        for family in self._families:
+            gauge = GaugeMetricFamily(family.name, family.help, labels=list(family.labels))
+            for labels, value in sorted(values.get(family.name, [])):
+                gauge.add_metric(list(labels), value)
+            yield gauge
         if success is not None:
             yield GaugeMetricFamily(
-                "gpu_analytics_cost_refresh_success",
-                "1 when the last refresh of the cost metrics from Prometheus succeeded, else 0.",
+                self._success_family.name,
+                self._success_family.help,
                 value=1.0 if success else 0.0,
             )
 
@@ -201,10 +206,144 @@ class CostMetrics:
         with self._lock:
             if self._thread is not None:
                 return
-            self._thread = threading.Thread(target=self._run, name="cost-metrics", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, name=f"{self._name}-metrics", daemon=True
+            )
             self._thread.start()
 
     def _run(self) -> None:
         while True:
             self.refresh()
             time.sleep(self._refresh_seconds)
+
+
+NAMESPACE_COST = Family(
+    "gpu_analytics_namespace_cost_dollars_per_hour",
+    "GPU cost per hour of each namespace now, in US dollars, from the pricing rules.",
+    ("namespace",),
+)
+TEAM_COST = Family(
+    "gpu_analytics_team_cost_dollars_per_hour",
+    "GPU cost per hour of each team now, in US dollars (team '' when pods have none).",
+    ("team",),
+)
+COST_REFRESH = Family(
+    "gpu_analytics_cost_refresh_success",
+    "1 when the last refresh of the cost metrics from Prometheus succeeded, else 0.",
+)
+
+
+def cost_metrics(prometheus: Any, refresh_seconds: float) -> RefreshedMetrics:
+    """Current GPU cost per hour by namespace and by team, from the recorded pricing series."""
+    from analytics import pricing
+
+    def compute() -> Readings:
+        out: Readings = {}
+        for family, metric, label in (
+            (NAMESPACE_COST, pricing.NAMESPACE_COST, "namespace"),
+            (TEAM_COST, pricing.TEAM_COST, "team"),
+        ):
+            samples = prometheus.query(f"sum by ({label}) ({metric})")
+            out[family.name] = [((str(s.labels.get(label, "")),), float(s.value)) for s in samples]
+        return out
+
+    return RefreshedMetrics(
+        "cost", (NAMESPACE_COST, TEAM_COST), compute, refresh_seconds, COST_REFRESH
+    )
+
+
+IDLE_DEVICES = Family(
+    "gpu_analytics_idle_devices",
+    "GPU-equivalents held by pods and idle now (a MIG slice counts k/7, a time-sliced share "
+    "1/n), by namespace and team.",
+    ("namespace", "team"),
+)
+IDLE_COST = Family(
+    "gpu_analytics_idle_cost_dollars_per_hour",
+    "What the allocated-but-idle GPUs cost per hour now, in US dollars, by namespace and team.",
+    ("namespace", "team"),
+)
+SAVINGS = Family(
+    "gpu_analytics_potential_monthly_savings_dollars",
+    "Monthly savings the optimisation suggestions estimate from the last 7 days, in US dollars.",
+)
+IDLE_REFRESH = Family(
+    "gpu_analytics_idle_refresh_success",
+    "1 when the last refresh of the idle and savings metrics succeeded, else 0.",
+)
+SAVINGS_DAYS = 7
+
+
+def idle_metrics(
+    prometheus: Any, config: Any, prices: Any, clock: Callable[[], Any]
+) -> RefreshedMetrics:
+    """Idle devices and their cost per hour now (over the last two idle windows), and the
+    potential monthly savings of the last 7 days."""
+    from analytics import idle, optimize
+
+    def compute() -> Readings:
+        end = float(int(clock().timestamp()))
+        inputs = config.rule_inputs()
+        common = {
+            "team_label": config.team_label,
+            "rules_interval_seconds": config.rules_interval_seconds,
+        }
+        recent = idle.find_idle(
+            prometheus,
+            inputs,
+            config.idle,
+            start=end - 2 * config.idle.window_seconds,
+            end=end,
+            **common,
+        )
+        devices: dict[tuple[str, str], float] = {}
+        dollars: dict[tuple[str, str], float] = {}
+        for item in recent.items:
+            if not item.idle_now:
+                continue
+            key = (str(item.labels["namespace"]), str(item.labels["team"] or ""))
+            devices[key] = devices.get(key, 0.0) + item.share
+            if item.price_per_hour is not None:
+                dollars[key] = dollars.get(key, 0.0) + item.price_per_hour
+        start = end - SAVINGS_DAYS * 86_400
+        week = idle.find_idle(prometheus, inputs, config.idle, start=start, end=end, **common)
+        holdings = optimize.gather_holdings(prometheus, inputs, start=start, end=end, **common)
+        found = optimize.suggestions(
+            week.items,
+            holdings,
+            window_seconds=end - start,
+            pricing=prices,
+            headroom=config.rightsize_headroom,
+        )
+        savings = optimize.potential_savings(found)
+        return {
+            IDLE_DEVICES.name: sorted(devices.items()),
+            IDLE_COST.name: sorted(dollars.items()),
+            SAVINGS.name: [] if savings is None else [((), savings)],
+        }
+
+    return RefreshedMetrics(
+        "idle", (IDLE_DEVICES, IDLE_COST, SAVINGS), compute, config.refresh_seconds, IDLE_REFRESH
+    )
+
+
+#: Every metric family the service publishes at /metrics (histograms also as _bucket, _sum and
+#: _count). Rules and dashboards may use only these, the exporter's catalogue and the recording
+#: rules; tests/unit/test_dashboards.py and test_rules.py check it.
+ANALYTICS_METRIC_NAMES: tuple[str, ...] = (
+    "gpu_analytics_http_requests_total",
+    "gpu_analytics_http_request_duration_seconds",
+    "gpu_analytics_prometheus_errors_total",
+    "gpu_analytics_prometheus_request_duration_seconds",
+    "gpu_analytics_namespace_cost_dollars_per_hour",
+    "gpu_analytics_team_cost_dollars_per_hour",
+    "gpu_analytics_cost_refresh_success",
+    "gpu_analytics_idle_devices",
+    "gpu_analytics_idle_cost_dollars_per_hour",
+    "gpu_analytics_potential_monthly_savings_dollars",
+    "gpu_analytics_idle_refresh_success",
+    "gpu_analytics_forecast_allocated_devices",
+    "gpu_analytics_forecast_activity_ratio",
+    "gpu_analytics_capacity_exhaustion_seconds",
+    "gpu_analytics_forecast_refresh_success",
+)

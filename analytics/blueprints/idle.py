@@ -217,9 +217,10 @@ OPENAPI_PATHS: dict[str, Any] = {
             tag=_TAG,
             operation_id="getGpuCostOptimization",
             description=(
-                "From the last `days` days: release devices pods hold idle for at least a "
-                "quarter of the window; move pods whose peak memory and p95 activity (with the "
-                "configured headroom) fit a smaller MIG profile; share GPUs among long-running "
+                "From the last `days` days: release devices pods left idle for at least a "
+                "quarter of the time they held them; move pods whose peak memory and p95 "
+                "activity (with the configured headroom) fit a smaller MIG profile; share GPUs "
+                "among long-running "
                 "low-activity pods. Savings are per month (730 h) at the configured prices; "
                 "null where a device has no price. potentialMonthlySavings counts each pod once."
             ),

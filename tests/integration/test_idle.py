@@ -234,3 +234,42 @@ def test_optimization_suggests_releasing_the_forgotten_gpu(history: History) -> 
     assert analysis.get_json()["data"]["potentialMonthlySavings"] == data["potentialMonthlySavings"]
     bad = history.client.get("/api/v1/gpu/cost/optimization", query_string={"days": "-1"})
     assert bad.status_code == 400
+
+
+def test_idle_metrics_count_what_is_idle_now_per_namespace_and_team(history: History) -> None:
+    """gpu_analytics_idle_devices against the simulator: devices whose idle spell covers the
+    last idle window, as GPU-equivalents per namespace and team."""
+    from analytics.telemetry import IDLE_COST, IDLE_DEVICES, idle_metrics
+
+    fleet = load_fleet(FLEET)
+    pods = {p.name: p for p in fleet.nodes[NODE].pods}
+    shares = {0: 1.0, 3: 1.0, 2: 1 / 3}
+    expected: dict[tuple[str, str], float] = {}
+    latest = history.end - STEP  # the newest sample: the history ends before `end`
+    for pod, gpu, gi in [p for group in HELD.values() for p in group]:
+        spells = fleet.idle_spells(NODE, gpu, gi, history.end - 7200, history.end)
+        if any(a <= latest - MIN_SPELL and b > latest for a, b in spells):
+            spec = pods[pod]
+            key = (spec.namespace, spec.labels.get("team", ""))
+            share = (
+                shares.get(gpu) or fleet.nodes[NODE].gpus[gpu].instance(gi).profile.slice_count / 7
+            )
+            expected[key] = expected.get(key, 0.0) + share
+    assert ("research", "research") in expected  # the forgotten L4 at least
+
+    clock = lambda: dt.datetime.fromtimestamp(history.end, tz=dt.UTC)  # noqa: E731
+    metrics = idle_metrics(history.prometheus, history.config, load_pricing(PRICING), clock)
+    metrics.refresh()
+    families = {f.name: f for f in metrics.collect()}
+    got = {
+        (s.labels["namespace"], s.labels["team"]): s.value
+        for s in families[IDLE_DEVICES.name].samples
+    }
+    assert got.keys() == expected.keys()
+    for key, share in expected.items():
+        assert got[key] == pytest.approx(share, abs=1e-6), key
+    costs = {(s.labels["namespace"], s.labels["team"]) for s in families[IDLE_COST.name].samples}
+    assert costs == set(expected)
+    assert families["gpu_analytics_idle_refresh_success"].samples[0].value == 1.0
+    savings = families["gpu_analytics_potential_monthly_savings_dollars"].samples[0].value
+    assert savings >= 0.75 * 730 * 0.9  # at least releasing the forgotten L4
