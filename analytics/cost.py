@@ -216,28 +216,21 @@ class ReportPlan:
     """Which recorded series and labels a report by one aggregate reads.
 
     ``cost_metric`` is the cheapest recorded series that answers it (the aggregated rules when
-    there are no filters; the pod series when filters need pod labels). ``by`` are its labels
-    that form the row key; ``key_labels`` the same labels in the pod-level series that carry
-    GPU-hours. ``unallocated_metric`` is None when unallocated capacity belongs in no row
-    (filtered reports: idle capacity is no namespace's or team's).
+    there are no filters; the pod series when filters need pod labels), and ``devices_metric``,
+    ``utilized_metric``, ``measured_metric`` its GPU-hours and efficiency twins. ``by`` are
+    their labels that form the row key. ``unallocated_metric`` is None when unallocated
+    capacity belongs in no row (filtered reports: idle capacity is no namespace's or team's).
     """
 
     aggregate: str
     cost_metric: str
+    devices_metric: str
+    utilized_metric: str
+    measured_metric: str
     by: tuple[str, ...]
-    key_labels: tuple[str, ...]
     filters: Mapping[str, str]
     unallocated_metric: str | None
     unallocated_by: tuple[str, ...]
-
-
-_AGGREGATED: dict[str, tuple[str, tuple[str, ...]]] = {
-    "namespace": (pricing.NAMESPACE_COST, ("namespace",)),
-    "team": (pricing.TEAM_COST, ("team",)),
-    "node": (pricing.NODE_COST, ("node",)),
-    "model": (pricing.MODEL_COST, ("model",)),
-    "mig_profile": (pricing.MIG_PROFILE_COST, ("mig_profile",)),
-}
 
 
 def pod_labels(aggregate: str, team_label: str) -> tuple[str, ...]:
@@ -264,11 +257,13 @@ def report_plan(
         filters["namespace"] = namespace
     if team is not None:
         filters[team_label] = team
-    key_labels = pod_labels(aggregate, team_label)
+    series: tuple[str, ...]
     if filters or aggregate == "pod":
-        metric, by = pricing.POD_COST, key_labels
+        series = pricing.POD_SERIES
+        by = pod_labels(aggregate, team_label)
     else:
-        metric, by = _AGGREGATED[aggregate]
+        series = tuple(pricing.aggregated(s, aggregate) for s in pricing.POD_SERIES)
+        by = (aggregate,)
     unallocated: str | None = None
     unallocated_by: tuple[str, ...] = ()
     if not filters:
@@ -276,7 +271,18 @@ def report_plan(
             unallocated, unallocated_by = pricing.DEVICE_UNALLOCATED, (aggregate,)
         else:
             unallocated = pricing.CLUSTER_UNALLOCATED
-    return ReportPlan(aggregate, metric, by, key_labels, filters, unallocated, unallocated_by)
+    cost_metric, devices, utilized, measured = series
+    return ReportPlan(
+        aggregate,
+        cost_metric,
+        devices,
+        utilized,
+        measured,
+        by,
+        filters,
+        unallocated,
+        unallocated_by,
+    )
 
 
 # -- numbers -----------------------------------------------------------------------------------

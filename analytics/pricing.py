@@ -50,11 +50,15 @@ POD_COST = "pod:gpu_cost_dollars_per_hour:allocated"
 #: GPU-equivalents each pod holds: 1 per whole GPU, k/7 per MIG instance of k compute slices,
 #: split between the pods sharing a device. Summed over time it gives GPU-hours.
 POD_DEVICES = "pod:gpu_allocated_devices:share"
-NAMESPACE_COST = "namespace:gpu_cost_dollars_per_hour:sum"
-TEAM_COST = "team:gpu_cost_dollars_per_hour:sum"
-NODE_COST = "node:gpu_cost_dollars_per_hour:sum"
-MODEL_COST = "model:gpu_cost_dollars_per_hour:sum"
-MIG_PROFILE_COST = "mig_profile:gpu_cost_dollars_per_hour:sum"
+#: The report aggregates recorded from the pod series, and the labels each is summed by.
+AGGREGATE_LABELS = {
+    "namespace": "namespace",
+    "team": "team",
+    "node": "node",
+    "model": "model",
+    # MIG instances only; the same profile costs more on a dearer model.
+    "mig_profile": "model, mig_profile",
+}
 DEVICE_UNALLOCATED = "device:gpu_cost_dollars_per_hour:unallocated"
 CLUSTER_ALLOCATED = "cluster:gpu_cost_dollars_per_hour:allocated"
 CLUSTER_UNALLOCATED = "cluster:gpu_cost_dollars_per_hour:unallocated"
@@ -66,6 +70,24 @@ CLUSTER_PRICE = "cluster:gpu_price_dollars_per_hour:sum"
 #: POD_DEVICES held while activity was measured: efficiency = utilized / measured.
 POD_UTILIZED_DEVICES = "pod:gpu_utilized_devices:share"
 POD_MEASURED_DEVICES = "pod:gpu_measured_devices:share"
+#: The pod series summed per report aggregate (see `aggregated`).
+POD_SERIES = (POD_COST, POD_DEVICES, POD_UTILIZED_DEVICES, POD_MEASURED_DEVICES)
+
+
+def aggregated(pod_series: str, aggregate: str) -> str:
+    """The recorded sum of a pod series by a report aggregate:
+    `pod:gpu_cost_dollars_per_hour:allocated` by namespace is
+    `namespace:gpu_cost_dollars_per_hour:sum`."""
+    if aggregate not in AGGREGATE_LABELS or pod_series not in POD_SERIES:
+        raise ValueError(f"no recorded sum of {pod_series} by {aggregate}")
+    return f"{aggregate}:{pod_series.split(':')[1]}:sum"
+
+
+NAMESPACE_COST = aggregated(POD_COST, "namespace")
+TEAM_COST = aggregated(POD_COST, "team")
+NODE_COST = aggregated(POD_COST, "node")
+MODEL_COST = aggregated(POD_COST, "model")
+MIG_PROFILE_COST = aggregated(POD_COST, "mig_profile")
 
 DEVICE_BY = DEVICE_LABELS
 MIG_BY = MIG_LABELS
@@ -422,17 +444,13 @@ def recording_rules(
     rules.append(_rule(POD_DEVICES, _pod_devices_expr(team, inputs)))
     rules.append(_rule(POD_UTILIZED_DEVICES, _utilized_expr(inputs)))
     rules.append(_rule(POD_MEASURED_DEVICES, _measured_expr(inputs)))
+    # Each pod series summed per report aggregate, so reports over long windows read a few
+    # series instead of one per pod.
+    for series in POD_SERIES:
+        for aggregate in AGGREGATE_LABELS:
+            rules.append(_rule(aggregated(series, aggregate), _sum_by(series, aggregate, team)))
     rules.extend(
         [
-            _rule(NAMESPACE_COST, f"sum by (namespace) ({POD_COST})"),
-            _rule(TEAM_COST, _team_expr(team)),
-            _rule(NODE_COST, f"sum by (node) ({POD_COST})"),
-            _rule(MODEL_COST, f"sum by (model) ({POD_COST})"),
-            _rule(
-                MIG_PROFILE_COST,
-                "# MIG instances only; the same profile costs more on a dearer model.\n"
-                f'sum by (model, mig_profile) ({POD_COST}{{mig_uuid!=""}})',
-            ),
             _rule(NODE_PRICE, f"sum by (node) ({DEVICE_PRICE})"),
             _rule(MODEL_PRICE, f"sum by (model) ({DEVICE_PRICE})"),
             _rule(CLUSTER_PRICE, f"sum({DEVICE_PRICE})"),
@@ -723,13 +741,17 @@ def _measured_expr(inputs: RuleInputs) -> str:
     )
 
 
-def _team_expr(team: str) -> str:
-    if team == "team":
-        return f"sum by (team) ({POD_COST})"
+def _sum_by(series: str, aggregate: str, team: str) -> str:
+    """`series` summed by the labels of a report aggregate."""
+    by = AGGREGATE_LABELS[aggregate]
+    if aggregate == "mig_profile":
+        return f'# MIG instances only.\nsum by ({by}) ({series}{{mig_uuid!=""}})'
+    if aggregate != "team" or team == "team":
+        return f"sum by ({by}) ({series})"
     return (
         f"# The team is the pod label {team}, renamed team; pods without it sum into one\n"
         "# series with no team label.\n"
-        f'sum by (team) (label_replace({POD_COST}, "team", "$1", {_q(team)}, "(.+)"))'
+        f'sum by (team) (label_replace({series}, "team", "$1", {_q(team)}, "(.+)"))'
     )
 
 

@@ -137,10 +137,9 @@ def cost_report() -> Response:
     plan = cost.report_plan(aggregate, namespace=namespace, team=team, team_label=team_label)
 
     costs = _totals(plan.cost_metric, window, plan.by, aggregate, plan.filters)
-    keys = plan.key_labels
-    gpu_hours = _optional(cost.POD_DEVICES, window, keys, aggregate, plan.filters)
-    measured = _optional(cost.POD_MEASURED_DEVICES, window, keys, aggregate, plan.filters)
-    utilized = _optional(cost.POD_UTILIZED_DEVICES, window, keys, aggregate, plan.filters)
+    gpu_hours = _optional(plan.devices_metric, window, plan.by, aggregate, plan.filters)
+    measured = _optional(plan.measured_metric, window, plan.by, aggregate, plan.filters)
+    utilized = _optional(plan.utilized_metric, window, plan.by, aggregate, plan.filters)
     unallocated: dict[str, float] | None = None
     unallocated_hours: dict[str, float] | None = None
     if plan.unallocated_metric is not None:

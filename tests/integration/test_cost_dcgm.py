@@ -26,7 +26,13 @@ from tests.ground_truth import (
     expected_gpu_equivalents,
     expected_utilized_equivalents,
 )
-from tests.integration.test_cost_end_to_end import NODE, STEP, expected_totals, report
+from tests.integration.test_cost_end_to_end import (
+    NODE,
+    STEP,
+    edge_tolerance,
+    expected_totals,
+    report,
+)
 from tests.unit.exporter_harness import FLEETS
 
 HOURS = 4
@@ -104,7 +110,9 @@ def test_dcgm_efficiency_matches_ground_truth(
     busy = expected_totals(window_start, window_end, "namespace", expected_utilized_equivalents)
     assert set(got) == set(held)
     for name in held:
-        assert got[name] == pytest.approx(busy[name] / held[name], rel=0.005, abs=1e-6), name
+        assert got[name] == pytest.approx(
+            busy[name] / held[name], abs=edge_tolerance(window_start, window_end)
+        ), name
 
 
 def test_usage_split_is_refused_for_dcgm_at_start_up(tmp_path: Path) -> None:

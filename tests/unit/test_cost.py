@@ -177,10 +177,12 @@ def test_filter_values_are_quoted_by_the_selector() -> None:
 
 def test_report_plan_reads_the_cheapest_series() -> None:
     plan = cost.report_plan("team")
-    assert (plan.cost_metric, plan.by, plan.key_labels) == (
-        pricing.TEAM_COST,
-        ("team",),
-        ("label_team",),
+    assert (plan.cost_metric, plan.by) == (pricing.TEAM_COST, ("team",))
+    # GPU-hours and efficiency from the team sums too, not one series per pod.
+    assert (plan.devices_metric, plan.utilized_metric, plan.measured_metric) == (
+        "team:gpu_allocated_devices:sum",
+        "team:gpu_utilized_devices:sum",
+        "team:gpu_measured_devices:sum",
     )
     assert plan.unallocated_metric == pricing.CLUSTER_UNALLOCATED
     node = cost.report_plan("node")
@@ -189,6 +191,7 @@ def test_report_plan_reads_the_cheapest_series() -> None:
     assert (pod.cost_metric, pod.by) == (pricing.POD_COST, ("namespace", "pod"))
     filtered = cost.report_plan("team", namespace="research", team="ml", team_label="label_squad")
     assert filtered.cost_metric == pricing.POD_COST
+    assert filtered.devices_metric == pricing.POD_DEVICES
     assert filtered.by == ("label_squad",)
     assert filtered.filters == {"namespace": "research", "label_squad": "ml"}
     assert filtered.unallocated_metric is None
