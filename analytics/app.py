@@ -14,12 +14,14 @@ from typing import Any, cast
 from flask import Flask, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from analytics import forecasting
 from analytics.auth import API_PREFIX, install_auth
 from analytics.blueprints import BLUEPRINT_MODULES, load_areas
 from analytics.config import Config, ConfigError
 from analytics.context import CLOCK_KEY, EXTENSION_KEY, Clock, Services, utc_now
 from analytics.envelope import ErrorCode, error_response, register_error_handlers, request_id
 from analytics.envelope import log as api_log
+from analytics.forecasting import ForecastStore
 from analytics.openapi import build_document
 from analytics.pricing import load_pricing, render_rules
 from analytics.prometheus import (
@@ -33,6 +35,7 @@ from analytics.telemetry import (
     InstrumentedPrometheus,
     ServiceMetrics,
     cost_metrics,
+    forecast_metrics,
     idle_metrics,
 )
 
@@ -90,17 +93,31 @@ def create_app(
     if prices is not None:
         # Also fails start-up for a pricing the source cannot serve (usage split on DCGM).
         render_rules(prices, config.rules_interval, config.team_label, config.rule_inputs())
+    # Duck-typed proxy: same methods, plus timing and error counting.
+    proxy = cast(PrometheusClient, instrumented)
+    now = clock or utc_now
+    forecasts = ForecastStore(
+        lambda: forecasting.compute(
+            proxy,
+            config.rule_inputs(),
+            now=now(),
+            interval_seconds=config.rules_interval_seconds,
+        ),
+        config.forecast_refresh_seconds,
+        now,
+    )
     ctx = Services(
         config=config,
         pricing=prices,
-        # Duck-typed proxy: same methods, plus timing and error counting.
-        prometheus=cast(PrometheusClient, instrumented),
-        clock=clock or utc_now,
+        prometheus=proxy,
+        clock=now,
         registry=registry,
         metrics=metrics,
+        forecasts=forecasts,
     )
     registry.register(cost_metrics(ctx.prometheus, config.refresh_seconds))
     registry.register(idle_metrics(ctx.prometheus, config, prices, ctx.clock))
+    registry.register(forecast_metrics(forecasts, config.refresh_seconds))
     app.extensions[EXTENSION_KEY] = ctx
     app.extensions[CLOCK_KEY] = ctx.clock
 

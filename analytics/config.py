@@ -26,6 +26,7 @@ Keys (all optional; defaults in brackets)::
     api_tokens_file: tokens.txt         # bearer tokens for /api/v1, one per line or a YAML list
     refresh_seconds: 60                 # how often cached results are recomputed [60]
     rules_interval_seconds: 60          # evaluation interval of the cost recording rules [60]
+    forecast_refresh_seconds: 900       # how often the forecast models are refitted [900]
     idle:                               # allocated-but-idle GPUs (same defaults as rules/)
       threshold: 0.05                   # activity (0-1) under which a held device is idle [0.05]
       window_minutes: 30                # how long it must stay under to count [30]
@@ -123,6 +124,8 @@ class Config:
     refresh_seconds: float = 60.0
     #: The cost rules' evaluation interval: each recorded sample stands for this long.
     rules_interval_seconds: float = 60.0
+    #: Forecast models are refitted when older than this (never per request).
+    forecast_refresh_seconds: float = 900.0
     idle: IdleSettings = field(default_factory=IdleSettings)
     #: Right-sizing suggestions keep this much spare memory and compute on the smaller profile.
     rightsize_headroom: float = 0.2
@@ -363,6 +366,7 @@ _TOP_KEYS = (
     "rules_interval_seconds",
     "idle",
     "rightsize_headroom",
+    "forecast_refresh_seconds",
 )
 _PROMETHEUS_KEYS = (
     "url",
@@ -506,6 +510,7 @@ def load_config(
         refresh_seconds=float(get("refresh_seconds", _positive, 60.0)),
         rules_interval_seconds=float(get("rules_interval_seconds", _positive, 60.0)),
         rightsize_headroom=float(get("rightsize_headroom", _fraction, 0.2)),
+        forecast_refresh_seconds=float(get("forecast_refresh_seconds", _positive, 900.0)),
         idle=IdleSettings(
             threshold=float(get("idle.threshold", _fraction, DEFAULT_IDLE.threshold)),
             window_seconds=int(

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from analytics.config import Config
 
 if TYPE_CHECKING:
+    from analytics.forecasting import ForecastStore
     from analytics.pricing import Pricing
     from analytics.prometheus import PrometheusClient
     from analytics.telemetry import ServiceMetrics
@@ -43,6 +44,8 @@ class Services:
     metrics: ServiceMetrics
     #: The pricing file's contents when one is configured (read once, at start-up).
     pricing: Pricing | None = None
+    #: Cached forecasts, refitted on a schedule (see analytics.forecasting).
+    forecasts: ForecastStore | None = None
 
 
 def services(app: Flask | None = None) -> Services:

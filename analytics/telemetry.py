@@ -327,6 +327,51 @@ def idle_metrics(
     )
 
 
+FORECAST_LABELS = ("scope", "target", "horizon", "bound")
+FORECAST_ALLOCATED = Family(
+    "gpu_analytics_forecast_allocated_devices",
+    "Forecast GPU-equivalents held by pods, by scope (cluster, node, namespace, team), target, "
+    "horizon and bound (mean, and the 80% interval's lower and upper).",
+    FORECAST_LABELS,
+)
+FORECAST_ACTIVITY = Family(
+    "gpu_analytics_forecast_activity_ratio",
+    "Forecast activity (0-1) of the GPUs pods hold, by scope, target, horizon and bound.",
+    FORECAST_LABELS,
+)
+CAPACITY_EXHAUSTION = Family(
+    "gpu_analytics_capacity_exhaustion_seconds",
+    "Seconds until the forecast GPUs held exceed the GPUs there are (cluster and nodes); only "
+    "where that happens within the forecast's 168 hours.",
+    ("scope", "target"),
+)
+FORECAST_REFRESH = Family(
+    "gpu_analytics_forecast_refresh_success",
+    "1 when the last refresh of the forecasts succeeded, else 0.",
+)
+
+
+def forecast_metrics(store: Any, refresh_seconds: float) -> RefreshedMetrics:
+    """The cached forecasts at the published horizons (the store refits on its schedule)."""
+    from analytics import forecasting
+
+    def compute() -> Readings:
+        readings = forecasting.horizon_readings(store.get())
+        return {
+            FORECAST_ALLOCATED.name: readings["allocated"],
+            FORECAST_ACTIVITY.name: readings["activity"],
+            CAPACITY_EXHAUSTION.name: readings["exhaustion"],
+        }
+
+    return RefreshedMetrics(
+        "forecast",
+        (FORECAST_ALLOCATED, FORECAST_ACTIVITY, CAPACITY_EXHAUSTION),
+        compute,
+        refresh_seconds,
+        FORECAST_REFRESH,
+    )
+
+
 #: Every metric family the service publishes at /metrics (histograms also as _bucket, _sum and
 #: _count). Rules and dashboards may use only these, the exporter's catalogue and the recording
 #: rules; tests/unit/test_dashboards.py and test_rules.py check it.

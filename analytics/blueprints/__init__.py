@@ -27,7 +27,8 @@ BLUEPRINT_MODULES: tuple[str, ...] = (
     "analytics.blueprints.cost",  # /gpu/cost/*, /gpu/allocations/cost-statistics
     "analytics.blueprints.usage",  # /gpu/allocations, /gpu/metrics/*, /gpu/overview
     "analytics.blueprints.devices",  # /gpu/devices*, /gpu/mig/*
-    "analytics.blueprints.idle",  # /gpu/idle
+    "analytics.blueprints.idle",  # /gpu/idle, /gpu/cost/optimization
+    "analytics.blueprints.forecast",  # /gpu/forecast, /resources/forecast
 )
 
 
