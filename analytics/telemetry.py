@@ -380,15 +380,20 @@ ANALYTICS_METRIC_NAMES: tuple[str, ...] = (
     "gpu_analytics_http_request_duration_seconds",
     "gpu_analytics_prometheus_errors_total",
     "gpu_analytics_prometheus_request_duration_seconds",
-    "gpu_analytics_namespace_cost_dollars_per_hour",
-    "gpu_analytics_team_cost_dollars_per_hour",
-    "gpu_analytics_cost_refresh_success",
-    "gpu_analytics_idle_devices",
-    "gpu_analytics_idle_cost_dollars_per_hour",
-    "gpu_analytics_potential_monthly_savings_dollars",
-    "gpu_analytics_idle_refresh_success",
-    "gpu_analytics_forecast_allocated_devices",
-    "gpu_analytics_forecast_activity_ratio",
-    "gpu_analytics_capacity_exhaustion_seconds",
-    "gpu_analytics_forecast_refresh_success",
+    *(
+        family.name
+        for family in (
+            NAMESPACE_COST,
+            TEAM_COST,
+            COST_REFRESH,
+            IDLE_DEVICES,
+            IDLE_COST,
+            SAVINGS,
+            IDLE_REFRESH,
+            FORECAST_ALLOCATED,
+            FORECAST_ACTIVITY,
+            CAPACITY_EXHAUSTION,
+            FORECAST_REFRESH,
+        )
+    ),
 )

@@ -444,3 +444,14 @@ def test_gpu_analytics_serves_without_prometheus_and_stops_on_sigterm(tmp_path: 
         health = requests.get(f"{base}/api/v1/gpu/health", timeout=10)
         assert health.status_code == 503
         assert health.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+
+
+def test_the_published_metric_names_are_the_ones_rules_and_dashboards_may_use() -> None:
+    from analytics.telemetry import ANALYTICS_METRIC_NAMES
+
+    text = app_for().test_client().get("/metrics").get_data(as_text=True)
+    published = set(re.findall(r"^# TYPE (gpu_analytics_\w+) ", text, re.MULTILINE))
+    published -= {name for name in published if name.endswith("_created")}  # client_python's
+    # The refresh gauges appear once their first refresh has run (Prometheus is down here).
+    later = {name for name in ANALYTICS_METRIC_NAMES if name.endswith("_refresh_success")}
+    assert published | later == set(ANALYTICS_METRIC_NAMES)
