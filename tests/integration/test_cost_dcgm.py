@@ -21,17 +21,12 @@ from analytics.config import Config, PrometheusConfig
 from analytics.pricing import load_pricing, render_rules
 from exporter.simulator import load_fleet
 from exporter.simulator.history import backfill
-from tests.ground_truth import (
-    PRICING,
-    expected_gpu_equivalents,
-    expected_utilized_equivalents,
-)
+from tests.ground_truth import PRICING, expected_gpu_equivalents
 from tests.integration.test_cost_end_to_end import (
     NODE,
     STEP,
-    edge_tolerance,
-    expected_totals,
-    report,
+    assert_efficiency_matches_ground_truth,
+    assert_matches_ground_truth,
 )
 from tests.unit.exporter_harness import FLEETS
 
@@ -77,25 +72,15 @@ def dcgm_history(
 def test_dcgm_cost_report_matches_ground_truth(
     dcgm_history: tuple[FlaskClient, float, float], aggregate: str
 ) -> None:
-    client, start, end = dcgm_history
-    window_start, window_end = start + 3600, end - 1800
-    got = report(client, window_start, window_end, aggregate)
-    want = expected_totals(window_start, window_end, aggregate)
     # Whole GPU, MIG slices keyed by parent UUID and GPU instance, the A100 shared by three
     # pods (one copy of its series per pod), teams from kube_pod_labels; not the exporter pod.
-    assert set(got) == set(want)
-    for name, dollars in want.items():
-        assert got[name] == pytest.approx(dollars, rel=0.005), name
+    assert_matches_ground_truth(*dcgm_history, aggregate)
 
 
 def test_dcgm_gpu_hours_match_ground_truth(dcgm_history: tuple[FlaskClient, float, float]) -> None:
-    client, start, end = dcgm_history
-    window_start, window_end = start + 3600, end - 1800
-    got = report(client, window_start, window_end, "namespace", field="gpuHours")
-    want = expected_totals(window_start, window_end, "namespace", expected_gpu_equivalents)
-    assert set(got) == set(want)
-    for name, hours in want.items():
-        assert got[name] == pytest.approx(hours, rel=0.005), name
+    assert_matches_ground_truth(
+        *dcgm_history, "namespace", field="gpuHours", per_hour=expected_gpu_equivalents
+    )
 
 
 def test_dcgm_efficiency_matches_ground_truth(
@@ -103,16 +88,7 @@ def test_dcgm_efficiency_matches_ground_truth(
 ) -> None:
     """The fixture carries the exporter's activity as DCGM_FI_PROF_GR_ENGINE_ACTIVE, so the
     efficiency is the same busy-over-held ratio as from our exporter's series."""
-    client, start, end = dcgm_history
-    window_start, window_end = start + 3600, end - 1800
-    got = report(client, window_start, window_end, "namespace", field="efficiency")
-    held = expected_totals(window_start, window_end, "namespace", expected_gpu_equivalents)
-    busy = expected_totals(window_start, window_end, "namespace", expected_utilized_equivalents)
-    assert set(got) == set(held)
-    for name in held:
-        assert got[name] == pytest.approx(
-            busy[name] / held[name], abs=edge_tolerance(window_start, window_end)
-        ), name
+    assert_efficiency_matches_ground_truth(*dcgm_history)
 
 
 def test_usage_split_is_refused_for_dcgm_at_start_up(tmp_path: Path) -> None:

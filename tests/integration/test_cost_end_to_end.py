@@ -97,23 +97,34 @@ def report(
     return {row["key"]: row[field] for row in rows if row["kind"] == "allocated"}
 
 
-def test_gpu_hours_match_ground_truth_within_half_a_percent(
-    history: tuple[FlaskClient, float, float],
-) -> None:
-    client, start, end = history
-    window_start, window_end = start + 3600, end - 1800
-    got = report(client, window_start, window_end, "namespace", field="gpuHours")
-    want = expected_totals(window_start, window_end, "namespace", expected_gpu_equivalents)
+def inner_window(start: float, end: float) -> tuple[float, float]:
+    """A window inside the history, so the recorded series cover all of it."""
+    return start + 3600, end - 1800
+
+
+def assert_matches_ground_truth(
+    client: FlaskClient,
+    start: float,
+    end: float,
+    aggregate: str,
+    field: str = "cost",
+    per_hour: Callable[..., dict[str, float]] = expected_cost_per_hour,
+) -> dict[str, float]:
+    """The report's `field` per key equals the ground truth within 0.5%; returns the truth."""
+    window_start, window_end = inner_window(start, end)
+    got = report(client, window_start, window_end, aggregate, field=field)
+    want = expected_totals(window_start, window_end, aggregate, per_hour)
     assert set(got) == set(want)
-    for name, hours in want.items():
-        assert got[name] == pytest.approx(hours, rel=0.005), name
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=0.005), name
+    return want
 
 
-def test_efficiency_is_busy_over_held_gpu_hours_from_ground_truth(
-    history: tuple[FlaskClient, float, float],
-) -> None:
-    client, start, end = history
-    window_start, window_end = start + 3600, end - 1800
+def assert_efficiency_matches_ground_truth(
+    client: FlaskClient, start: float, end: float
+) -> dict[str, float]:
+    """Efficiency per namespace is busy over held GPU-hours of the ground truth."""
+    window_start, window_end = inner_window(start, end)
     got = report(client, window_start, window_end, "namespace", field="efficiency")
     held = expected_totals(window_start, window_end, "namespace", expected_gpu_equivalents)
     busy = expected_totals(window_start, window_end, "namespace", expected_utilized_equivalents)
@@ -122,6 +133,21 @@ def test_efficiency_is_busy_over_held_gpu_hours_from_ground_truth(
         assert got[name] == pytest.approx(
             busy[name] / held[name], abs=edge_tolerance(window_start, window_end)
         ), name
+    return got
+
+
+def test_gpu_hours_match_ground_truth_within_half_a_percent(
+    history: tuple[FlaskClient, float, float],
+) -> None:
+    assert_matches_ground_truth(
+        *history, "namespace", field="gpuHours", per_hour=expected_gpu_equivalents
+    )
+
+
+def test_efficiency_is_busy_over_held_gpu_hours_from_ground_truth(
+    history: tuple[FlaskClient, float, float],
+) -> None:
+    got = assert_efficiency_matches_ground_truth(*history)
     # The whole H100 trains, the MIG inference slices and the time-sliced A100 serve: none of
     # them idle for the whole window, none saturated.
     assert all(0 < value < 1 for value in got.values()), got
@@ -131,14 +157,7 @@ def test_efficiency_is_busy_over_held_gpu_hours_from_ground_truth(
 def test_cost_report_matches_ground_truth_within_half_a_percent(
     history: tuple[FlaskClient, float, float], aggregate: str
 ) -> None:
-    client, start, end = history
-    # A window inside the history, so the recorded series cover all of it.
-    window_start, window_end = start + 3600, end - 1800
-    got = report(client, window_start, window_end, aggregate)
-    want = expected_totals(window_start, window_end, aggregate)
-    assert set(got) == set(want)
-    for name, dollars in want.items():
-        assert got[name] == pytest.approx(dollars, rel=0.005), name
+    want = assert_matches_ground_truth(*history, aggregate)
     # Whole GPU (ml), MIG slices (inference), the A100 time-sliced between three research
     # pods (one of them without a team label), and a Succeeded pod that pays nothing (batch).
     expected_keys = {
@@ -152,7 +171,7 @@ def test_cost_by_mig_profile_prices_each_slice_by_its_share(
     history: tuple[FlaskClient, float, float],
 ) -> None:
     client, start, end = history
-    window_start, window_end = start + 3600, end - 1800
+    window_start, window_end = inner_window(start, end)
     got = report(client, window_start, window_end, "mig_profile")
     hours = (window_end - window_start) / 3600
     # examples/pricing.yaml: H100 $7/h; 4g.40gb is priced at half the GPU, 3g.40gb at 3/7.
