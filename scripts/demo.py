@@ -39,6 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FLEET = REPO_ROOT / "examples" / "fleet.yaml"
 DEFAULT_WORKDIR = REPO_ROOT / ".demo"
 RULES_DIR = REPO_ROOT / "rules"
+DASHBOARDS_DIR = REPO_ROOT / "dashboards"
 
 # Queries the summary suggests; each is shown with the number of series it returns now.
 EXAMPLE_QUERIES = [
@@ -175,7 +176,9 @@ def exporter_command(fleet: Path, node: str, port: int) -> list[str]:
     ]
 
 
-def prometheus_config(targets: Sequence[str], scrape_interval: str) -> dict[str, Any]:
+def prometheus_config(
+    targets: Sequence[str], scrape_interval: str, analytics: str | None = None
+) -> dict[str, Any]:
     config: dict[str, Any] = {
         "global": {
             "scrape_interval": scrape_interval,
@@ -185,6 +188,11 @@ def prometheus_config(targets: Sequence[str], scrape_interval: str) -> dict[str,
             {"job_name": "gpu-exporter", "static_configs": [{"targets": list(targets)}]},
         ],
     }
+    if analytics is not None:
+        # The analytics service's own metrics (gpu_analytics_*), for dashboards and alerts.
+        config["scrape_configs"].append(
+            {"job_name": "gpu-analytics", "static_configs": [{"targets": [analytics]}]}
+        )
     rule_globs = [
         str(RULES_DIR / pattern) for pattern in ("*.yml", "*.yaml") if any(RULES_DIR.glob(pattern))
     ]
@@ -303,7 +311,9 @@ class Demo:
         print(f"{len(nodes)} exporters healthy", flush=True)
 
         targets = [f"127.0.0.1:{port}" for port in self.exporters.values()]
-        config = prometheus_config(targets, self.args.scrape_interval)
+        config = prometheus_config(
+            targets, self.args.scrape_interval, f"127.0.0.1:{self.args.analytics_port}"
+        )
         config_path = self.prom_dir / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.spawn(
@@ -450,8 +460,28 @@ class Demo:
             f"  Analytics API     {self.analytics_url}/api/v1   (OpenAPI: /api/v1/openapi.json)",
         ]
         lines += self.cost_summary()
+        lines += self.monitoring_summary()
         lines += ["", f"  Logs and Prometheus data: {self.workdir}", ""]
         return "\n".join(lines)
+
+    def monitoring_summary(self) -> list[str]:
+        """Where the rules, alerts and Grafana dashboards are."""
+        rule_files = ", ".join(p.name for p in sorted(RULES_DIR.glob("*.yml")))
+        try:
+            firing = str(self.series_count('ALERTS{alertstate="firing"}'))
+        except (DemoError, OSError, ValueError):
+            firing = "?"
+        lines = [
+            "",
+            f"  Rules and alerts  {RULES_DIR}: {rule_files}",
+            f"                    alerts firing now: {firing} ({self.prom_url}/alerts); "
+            "what to do: docs/runbook.md",
+            f"  Grafana dashboards (import the JSON files; see README): {DASHBOARDS_DIR}",
+        ]
+        for path in sorted(DASHBOARDS_DIR.glob("*.json")):
+            with contextlib.suppress(OSError, ValueError):
+                lines.append(f"    {path.name:<22} {json.loads(path.read_text())['title']}")
+        return lines
 
     def cost_summary(self) -> list[str]:
         try:

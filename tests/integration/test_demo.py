@@ -73,7 +73,12 @@ def test_demo_once_starts_fleet_and_prometheus_then_stops(
     assert f"http://127.0.0.1:{analytics_port}/api/v1" in result.stdout
     cost_lines = [line for line in result.stdout.splitlines() if "by namespace:" in line]
     assert cost_lines and "training $" in cost_lines[0], result.stdout
+    # The GPU rules and alerts are loaded, and the summary says where the dashboards are.
+    assert "gpu-alerts.yml" in result.stdout and "gpu-recording.yml" in result.stdout
+    assert str(REPO_ROOT / "dashboards") in result.stdout
+    assert "gpu-overview.json" in result.stdout
     config = yaml.safe_load((tmp_path / "demo" / "prometheus" / "prometheus.yml").read_text())
+    assert str(REPO_ROOT / "rules" / "*.yml") in config["rule_files"]
     targets = config["scrape_configs"][0]["static_configs"][0]["targets"]
     assert targets == [f"127.0.0.1:{base + i}" for i in range(len(nodes))]
     # Everything it started has stopped: the ports are free again.
