@@ -743,7 +743,7 @@ def test_prometheus_rules_can_be_turned_off() -> None:
 def _chart_copy_with_dashboards(tmp_path: Path, extra: list[Path]) -> Path:
     """The chart with its symlinks resolved, plus extra dashboards (fixtures stay in tests/)."""
     copy_root = tmp_path / "k8s-gpu-monitor"
-    shutil.copytree(CHART, copy_root, symlinks=False, ignore_dangling_symlinks=True)
+    shutil.copytree(CHART, copy_root, symlinks=False)
     dashboards = copy_root / "files" / "dashboards"
     dashboards.mkdir(parents=True, exist_ok=True)
     for path in extra:

@@ -109,7 +109,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- if has .Values.monitoring.kind (list "serviceMonitor" "podMonitor") }}true{{ end -}}
 {{- end -}}
 
-{{/* A DNS-1123 name piece from a file name: "gpu_alerts.yml" -> "gpu-alerts". */}}
+{{/* A DNS-1123 name piece from a file name: "my_rules.yml" -> "my-rules". */}}
 {{- define "gpumon.fileSlug" -}}
 {{- $stem := base . | trimSuffix (ext .) | lower -}}
 {{- regexReplaceAll "[^a-z0-9-]+" $stem "-" | trimAll "-" -}}
