@@ -19,6 +19,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY exporter/ exporter/
 COPY analytics/ analytics/
+COPY monitoring/ monitoring/
 RUN pip wheel --no-deps --wheel-dir /wheels .
 
 # --- the exporter's virtualenv: only the distributions exporter/ imports ----------------------

@@ -27,10 +27,11 @@ Keys (all optional; defaults in brackets)::
     refresh_seconds: 60                 # how often cached results are recomputed [60]
     rules_interval_seconds: 60          # evaluation interval of the cost recording rules [60]
     forecast_refresh_seconds: 900       # how often the forecast models are refitted [900]
-    idle:                               # allocated-but-idle GPUs (same defaults as rules/)
-      threshold: 0.05                   # activity (0-1) under which a held device is idle [0.05]
-      window_minutes: 30                # how long it must stay under to count [30]
-      namespaces: {batch: 0.02}         # per-namespace thresholds [none]
+    idle:                               # allocated-but-idle GPUs [the rules' definition, from
+                                        # monitoring/values.yaml: 0.05, 30m, its namespaces]
+      threshold: 0.05                   # activity (0-1) under which a held device is idle
+      window_minutes: 30                # how long it must stay under to count
+      namespaces: {batch: 0.02}         # per-namespace thresholds
     rightsize_headroom: 0.2             # spare memory/compute left on a smaller MIG profile [0.2]
 
 Every scalar key has an environment override named after its path: ``GPU_ANALYTICS_`` plus the
@@ -51,7 +52,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from analytics.idle import IdleSettings
+from analytics.idle import IdleSettings, rule_settings
 from analytics.sources import (
     SOURCES,
     TEAM_SOURCES,
@@ -126,7 +127,8 @@ class Config:
     rules_interval_seconds: float = 60.0
     #: Forecast models are refitted when older than this (never per request).
     forecast_refresh_seconds: float = 900.0
-    idle: IdleSettings = field(default_factory=IdleSettings)
+    #: Default: the rules' idle definition (monitoring/values.yaml).
+    idle: IdleSettings = field(default_factory=rule_settings)
     #: Right-sizing suggestions keep this much spare memory and compute on the smaller profile.
     rightsize_headroom: float = 0.2
     # Where the configuration came from, for messages ("<defaults>" when built in code).
@@ -487,6 +489,7 @@ def load_config(
         return text
 
     listen = get("listen", listen_value, DEFAULT_LISTEN)
+    rules_idle = rule_settings()
     api_tokens_file = get("api_tokens_file", _path, None)
     api_tokens: tuple[str, ...] = ()
     if api_tokens_file is not None:
@@ -512,17 +515,16 @@ def load_config(
         rightsize_headroom=float(get("rightsize_headroom", _fraction, 0.2)),
         forecast_refresh_seconds=float(get("forecast_refresh_seconds", _positive, 900.0)),
         idle=IdleSettings(
-            threshold=float(get("idle.threshold", _fraction, DEFAULT_IDLE.threshold)),
+            threshold=float(get("idle.threshold", _fraction, rules_idle.threshold)),
             window_seconds=int(
-                60 * get("idle.window_minutes", _positive, DEFAULT_IDLE.window_seconds / 60)
+                60 * get("idle.window_minutes", _positive, rules_idle.window_seconds / 60)
             ),
-            namespace_thresholds=get("idle.namespaces", _namespace_thresholds, {}),
+            namespace_thresholds=get(
+                "idle.namespaces", _namespace_thresholds, dict(rules_idle.namespace_thresholds)
+            ),
         ),
         origin=origin,
     )
-
-
-DEFAULT_IDLE = IdleSettings()
 
 
 def _fraction(r: _Reader, key: str, value: Any) -> float:

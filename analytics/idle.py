@@ -82,6 +82,19 @@ class IdleSettings:
         return max([self.threshold, *self.namespace_thresholds.values()])
 
 
+def rule_settings() -> IdleSettings:
+    """The idle definition the alert rules are generated with (`monitoring/values.yaml`), so
+    the service and the rules agree unless the analytics config says otherwise."""
+    from monitoring.values import duration_seconds, load_values
+
+    values = load_values()
+    return IdleSettings(
+        threshold=values.idle_threshold,
+        window_seconds=int(duration_seconds(values.idle_window)),
+        namespace_thresholds=dict(values.idle_namespace_thresholds),
+    )
+
+
 def query_step(window_seconds: int) -> int:
     """The range-query step for a window (see FINE_STEP_S / COARSE_STEP_S)."""
     return FINE_STEP_S if window_seconds <= FINE_STEP_MAX_WINDOW_S else COARSE_STEP_S

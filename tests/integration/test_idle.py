@@ -47,11 +47,13 @@ def _history(shape: str, module_prometheus: Callable[..., Any], tmp: Path) -> It
     config = Config(source="dcgm" if shape == "dcgm" else "exporter")
     rules = tmp / "pricing.yml"
     rules.write_text(render_rules(load_pricing(PRICING), inputs=config.rule_inputs()))
+    # Our exporter's history also gets the idle recording rules the alerts use.
+    rule_files = [rules] if shape == "dcgm" else [rules, REPO / "rules" / "gpu-recording.yml"]
     end = math.floor(time.time() / STEP) * STEP - 1800.0
     start = end - HOURS * 3600.0
     data = tmp / "tsdb"
     backfill(
-        load_fleet(FLEET), data, start=start, end=end, step=STEP, rule_files=[rules], shape=shape
+        load_fleet(FLEET), data, start=start, end=end, step=STEP, rule_files=rule_files, shape=shape
     )
     server = module_prometheus(data_dir=data)
     config = Config(
@@ -161,7 +163,7 @@ def test_idle_api_lists_pods_with_cost_and_evidence(history: History) -> None:
     assert response.status_code == 200, response.get_data(as_text=True)
     data = response.get_json()["data"]
     items = {(i["namespace"], i["pod"]): i for i in data["items"]}
-    forgotten = items[("research", "forgotten")]
+    forgotten = items[("notebooks", "forgotten")]
     # Held all day and never used: idle the whole window (less the first spell's window).
     assert forgotten["idleNow"] is True
     assert forgotten["idleHours"] == pytest.approx(HOURS - 1 / 60, abs=2 / 60)
@@ -169,7 +171,7 @@ def test_idle_api_lists_pods_with_cost_and_evidence(history: History) -> None:
     assert forgotten["evidence"]["maxActivity"] < 0.05
     assert forgotten["evidence"]["memoryHeldBytes"] > 0  # holds memory while idle
     # The time-sliced A100: three pods, each a third of it.
-    shared = [items[("research", p)] for p in ("nb-a", "nb-b", "nb-c")]
+    shared = [items[("notebooks", p)] for p in ("nb-a", "nb-b", "nb-c")]
     assert [i["gpuEquivalents"] for i in shared] == [pytest.approx(1 / 3, abs=1e-6)] * 3
     assert shared[2]["team"] is None
     # MIG slices carry their profile and parent.
@@ -221,7 +223,7 @@ def test_optimization_suggests_releasing_the_forgotten_gpu(history: History) -> 
     assert response.status_code == 200, response.get_data(as_text=True)
     data = response.get_json()["data"]
     release = {(s["namespace"], s["pod"]): s for s in data["suggestions"] if s["type"] == "release"}
-    forgotten = release[("research", "forgotten")]
+    forgotten = release[("notebooks", "forgotten")]
     # An L4 at 0.75 $/h idle the whole day: releasing it saves its month.
     assert forgotten["estimatedMonthlySavings"] == pytest.approx(0.75 * 730, rel=0.01)
     assert forgotten["confidence"] == "high"
@@ -255,7 +257,7 @@ def test_idle_metrics_count_what_is_idle_now_per_namespace_and_team(history: His
                 shares.get(gpu) or fleet.nodes[NODE].gpus[gpu].instance(gi).profile.slice_count / 7
             )
             expected[key] = expected.get(key, 0.0) + share
-    assert ("research", "research") in expected  # the forgotten L4 at least
+    assert ("notebooks", "research") in expected  # the forgotten L4 at least
 
     clock = lambda: dt.datetime.fromtimestamp(history.end, tz=dt.UTC)  # noqa: E731
     metrics = idle_metrics(history.prometheus, history.config, load_pricing(PRICING), clock)
@@ -273,3 +275,23 @@ def test_idle_metrics_count_what_is_idle_now_per_namespace_and_team(history: His
     assert families["gpu_analytics_idle_refresh_success"].samples[0].value == 1.0
     savings = families["gpu_analytics_potential_monthly_savings_dollars"].samples[0].value
     assert savings >= 0.75 * 730 * 0.9  # at least releasing the forgotten L4
+
+
+def test_the_service_and_the_idle_rules_agree_on_what_is_idle_now(history: History) -> None:
+    """pod:gpu_allocated_idle:share (rules/gpu-recording.yml, what GPUAllocatedIdle fires on)
+    names the same pods and devices as the service's items idle now, with the same shares."""
+    rules = {
+        (s.labels["namespace"], s.labels["pod"], s.labels.get("mig_uuid") or s.labels["uuid"]): (
+            s.value
+        )
+        for s in history.prometheus.query("pod:gpu_allocated_idle:share", at=history.end)
+    }
+    service = {
+        (i.labels["namespace"], i.labels["pod"], i.labels["device"]): i.share
+        for i in _report(history).items
+        if i.idle_now
+    }
+    assert rules, "the rules find the forgotten L4 at least"
+    assert rules.keys() == service.keys()
+    for key, share in service.items():
+        assert rules[key] == pytest.approx(share, abs=1e-9), key
