@@ -17,13 +17,13 @@ help:
 	@echo "make demo         run a simulated GPU fleet, its exporters and a real Prometheus"
 	@echo "make test         linters, then the whole test suite (installs what it needs)"
 	@echo "make lint         ruff check, ruff format --check, mypy"
-	@echo "make docs         regenerate docs/metrics.md from the metric catalogue"
+	@echo "make docs         regenerate docs/metrics.md (exporter catalogue, analytics /metrics)"
 	@echo "make golden       regenerate the golden exposition files"
 	@echo "make bench        run the exporter scrape benchmark"
 	@echo "make proto        regenerate the kubelet pod-resources gRPC code"
 	@echo "make rules        regenerate rules/pricing.yml and the GPU rules and alerts (monitoring/values.yaml)"
 	@echo "make dashboards   regenerate the Grafana dashboards in dashboards/"
-	@echo "make system-deps  apt-get install prometheus and alertmanager if missing"
+	@echo "make system-deps  apt-get install prometheus, alertmanager and victoria-metrics if missing"
 	@echo "make venv         create .venv and install the project with test extras"
 	@echo "make crd-schemas  npm-install the prometheus-operator CRD validators the chart tests use"
 	@echo "make clean        remove caches and demo state (distclean: the venv too)"
@@ -69,7 +69,7 @@ demo: system-deps venv
 	$(VENV_PY) scripts/demo.py
 
 docs: venv
-	$(VENV_PY) -m exporter.catalogue > docs/metrics.md.tmp
+	$(VENV_PY) -m analytics.metrics_doc > docs/metrics.md.tmp
 	@mv docs/metrics.md.tmp docs/metrics.md
 	@echo "wrote docs/metrics.md"
 

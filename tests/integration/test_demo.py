@@ -6,6 +6,7 @@ until every target is up and data is queryable, prints the summary and stops eve
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +21,25 @@ from exporter.simulator import load_fleet
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO = REPO_ROOT / "scripts" / "demo.py"
 FLEET = REPO_ROOT / "examples" / "fleet.yaml"
+#: An error in a log: the Python services' ` ERROR `/` CRITICAL ` level (their format is
+#: `%(asctime)s %(levelname)s %(name)s: ...`), a traceback, or Prometheus' `level=error`.
+BAD_LOG_LINE = re.compile(
+    r" (ERROR|CRITICAL) |^Traceback |^\s+File \"|level=(error|fatal|crit)", re.MULTILINE
+)
+
+
+def bad_log_lines(logdir: Path) -> dict[str, list[str]]:
+    """The error lines of each log in `logdir` (the demo writes one per process)."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(logdir.glob("*.log")):
+        lines = [
+            line
+            for line in path.read_text(errors="replace").splitlines()
+            if BAD_LOG_LINE.search(line)
+        ]
+        if lines:
+            found[path.name] = lines[:20]
+    return found
 
 
 def _node_names() -> list[str]:
@@ -81,6 +101,14 @@ def test_demo_once_starts_fleet_and_prometheus_then_stops(
     assert str(REPO_ROOT / "rules" / "*.yml") in config["rule_files"]
     targets = config["scrape_configs"][0]["static_configs"][0]["targets"]
     assert targets == [f"127.0.0.1:{base + i}" for i in range(len(nodes))]
+    # The gate: no process of the run (exporters, Prometheus, analytics) logged an error or a
+    # traceback, start to shutdown.
+    logdir = tmp_path / "demo" / "logs"
+    logs = {path.name for path in logdir.glob("*.log")}
+    assert {"prometheus.log", "analytics.log"} <= logs, logs
+    assert {f"exporter-{node}.log" for node in nodes} <= logs, logs
+    assert bad_log_lines(logdir) == {}
+    assert not BAD_LOG_LINE.search(output), output
     # Everything it started has stopped: the ports are free again.
     for port in [prometheus_port, analytics_port, *range(base, base + len(nodes))]:
         with socket.socket() as sock:
