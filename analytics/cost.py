@@ -45,7 +45,15 @@ POD_UTILIZED_DEVICES = pricing.POD_UTILIZED_DEVICES
 #: Not recorded yet (unallocated rows' GPU-hours are None): GPU-equivalents no pod holds.
 DEVICE_UNALLOCATED_DEVICES = "device:gpu_unallocated_devices:share"
 
-AGGREGATES: tuple[str, ...] = ("namespace", "team", "pod", "node", "model", "mig_profile")
+AGGREGATES: tuple[str, ...] = (
+    "namespace",
+    "team",
+    "pod",
+    "node",
+    "model",
+    "mig_profile",
+    "cluster",
+)
 FORMATS: tuple[str, ...] = ("json", "csv")
 #: The key of rows whose team label is missing (pods without the team label).
 NO_TEAM = "(none)"
@@ -262,12 +270,14 @@ def report_plan(
         series = pricing.POD_SERIES
         by = pod_labels(aggregate, team_label)
     else:
-        series = tuple(pricing.aggregated(s, aggregate) for s in pricing.POD_SERIES)
+        # Every recorded sum keeps the cluster label: by cluster, the namespace sums add up.
+        recorded = "namespace" if aggregate == "cluster" else aggregate
+        series = tuple(pricing.aggregated(s, recorded) for s in pricing.POD_SERIES)
         by = (aggregate,)
     unallocated: str | None = None
     unallocated_by: tuple[str, ...] = ()
     if not filters:
-        if aggregate in ("node", "model"):
+        if aggregate in ("node", "model", "cluster"):
             unallocated, unallocated_by = pricing.DEVICE_UNALLOCATED, (aggregate,)
         else:
             unallocated = pricing.CLUSTER_UNALLOCATED

@@ -51,13 +51,14 @@ POD_COST = "pod:gpu_cost_dollars_per_hour:allocated"
 #: split between the pods sharing a device. Summed over time it gives GPU-hours.
 POD_DEVICES = "pod:gpu_allocated_devices:share"
 #: The report aggregates recorded from the pod series, and the labels each is summed by.
+#: Every sum keeps `cluster` (empty with one cluster), so reports can also group by cluster.
 AGGREGATE_LABELS = {
-    "namespace": "namespace",
-    "team": "team",
-    "node": "node",
-    "model": "model",
+    "namespace": "cluster, namespace",
+    "team": "cluster, team",
+    "node": "cluster, node",
+    "model": "cluster, model",
     # MIG instances only; the same profile costs more on a dearer model.
-    "mig_profile": "model, mig_profile",
+    "mig_profile": "cluster, model, mig_profile",
 }
 DEVICE_UNALLOCATED = "device:gpu_cost_dollars_per_hour:unallocated"
 CLUSTER_ALLOCATED = "cluster:gpu_cost_dollars_per_hour:allocated"
@@ -451,18 +452,18 @@ def recording_rules(
             rules.append(_rule(aggregated(series, aggregate), _sum_by(series, aggregate, team)))
     rules.extend(
         [
-            _rule(NODE_PRICE, f"sum by (node) ({DEVICE_PRICE})"),
-            _rule(MODEL_PRICE, f"sum by (model) ({DEVICE_PRICE})"),
-            _rule(CLUSTER_PRICE, f"sum({DEVICE_PRICE})"),
+            _rule(NODE_PRICE, f"sum by (cluster, node) ({DEVICE_PRICE})"),
+            _rule(MODEL_PRICE, f"sum by (cluster, model) ({DEVICE_PRICE})"),
+            _rule(CLUSTER_PRICE, f"sum by (cluster) ({DEVICE_PRICE})"),
             _rule(DEVICE_UNALLOCATED, _unallocated(inputs)),
             _rule(
                 CLUSTER_ALLOCATED,
                 "# 0, not absent, when priced GPUs exist and no pod holds any.\n"
-                f"sum({POD_COST}) or (0 * {CLUSTER_PRICE})",
+                f"sum by (cluster) ({POD_COST}) or (0 * {CLUSTER_PRICE})",
             ),
             _rule(
                 CLUSTER_UNALLOCATED,
-                f"sum({DEVICE_UNALLOCATED}) or (0 * {CLUSTER_PRICE})",
+                f"sum by (cluster) ({DEVICE_UNALLOCATED}) or (0 * {CLUSTER_PRICE})",
             ),
         ]
     )
@@ -534,9 +535,12 @@ def _override_expr(overrides: Sequence[NodeOverride]) -> str:
         matchers = ", ".join(f"{k}={_q(v)}" for k, v in override.match)
         selector = f"kube_node_labels{{{matchers}}}"
         # max by (node): kube-state-metrics may run as several replicas (duplicate series).
-        term = f'label_replace(max by (node) ({selector}), "override", {_q(override.name)}, "", "")'
+        term = (
+            f"label_replace(max by (cluster, node) ({selector}), "
+            f'"override", {_q(override.name)}, "", "")'
+        )
         for previous in earlier:
-            term += f"\n  unless on (node) {previous}"
+            term += f"\n  unless on (cluster, node) {previous}"
         terms.append(term)
         earlier.append(selector)
     head = (
@@ -556,7 +560,7 @@ def _device_expr(
     title = f"# {model}: {base} $/h list price" if model else f"# other models: {base} $/h default"
     if not pricing.node_overrides:
         return f"{title}\n{_num(base)} * {gpus}"
-    terms = [f"  {_num(base)} * ({gpus} unless on (node) {NODE_OVERRIDE})"]
+    terms = [f"  {_num(base)} * ({gpus} unless on (cluster, node) {NODE_OVERRIDE})"]
     for override in pricing.node_overrides:
         own = dict(override.prices)
         factor = (
@@ -565,7 +569,7 @@ def _device_expr(
             else _times(base, override.multiplier)
         )
         on_nodes = f"{NODE_OVERRIDE}{{override={_q(override.name)}}}"
-        terms.append(f"  {factor} * ({gpus} and on (node) {on_nodes})")
+        terms.append(f"  {factor} * ({gpus} and on (cluster, node) {on_nodes})")
     note = "# GPUs on overridden nodes take the override's price (node overrides, in order).\n"
     return f"{title}\n{note}" + "\nor\n".join(f"(\n{t}\n)" for t in terms)
 
@@ -600,12 +604,12 @@ def _mig_exprs(pricing: Pricing, inputs: RuleInputs) -> list[str]:
         if not pricing.node_overrides:
             out.append(f"{title}\n{_num(spec.price)} * {instances}")
             continue
-        terms = [f"  {_num(spec.price)} * ({instances} unless on (node) {NODE_OVERRIDE})"]
+        terms = [f"  {_num(spec.price)} * ({instances} unless on (cluster, node) {NODE_OVERRIDE})"]
         for override in pricing.node_overrides:
             on_nodes = f"{NODE_OVERRIDE}{{override={_q(override.name)}}}"
             terms.append(
                 f"  {_times(spec.price, override.multiplier)}"
-                f" * ({instances} and on (node) {on_nodes})"
+                f" * ({instances} and on (cluster, node) {on_nodes})"
             )
         out.append(f"{title}\n" + "\nor\n".join(f"(\n{t}\n)" for t in terms))
     return out
@@ -626,7 +630,7 @@ def _unpriced_mig(inputs: RuleInputs) -> str:
     )
 
 
-_POD_BY = "node, gpu, uuid, model, namespace, pod"
+_POD_BY = "cluster, node, gpu, uuid, model, namespace, pod"
 
 
 def _slice_profiles(slices: int) -> str:
@@ -751,7 +755,7 @@ def _sum_by(series: str, aggregate: str, team: str) -> str:
     return (
         f"# The team is the pod label {team}, renamed team; pods without it sum into one\n"
         "# series with no team label.\n"
-        f'sum by (team) (label_replace({series}, "team", "$1", {_q(team)}, "(.+)"))'
+        f'sum by ({by}) (label_replace({series}, "team", "$1", {_q(team)}, "(.+)"))'
     )
 
 

@@ -37,7 +37,9 @@ DCGM_LABELS = {
     "mig_profile": "GPU_I_PROFILE",
 }
 
-DEVICE_LABELS = "node, gpu, uuid, model"
+#: `cluster` is set by the scrape (or external labels) when one store holds several clusters;
+#: a single cluster without it gets the same series, since an absent label groups as empty.
+DEVICE_LABELS = "cluster, node, gpu, uuid, model"
 MIG_LABELS = f"{DEVICE_LABELS}, gpu_instance, compute_instance, mig_profile, mig_uuid"
 POD_LABELS = "namespace, pod, container"
 
@@ -288,11 +290,11 @@ def _pod_labels_from(expr: str, prefix: str) -> str:
 
 def _with_team(allocations: str, team_label: str) -> str:
     """Allocations with the team label from `kube_pod_labels` (pods without it keep none)."""
-    labels = f"max by (namespace, pod, {team_label}) (kube_pod_labels)"
+    labels = f"max by (cluster, namespace, pod, {team_label}) (kube_pod_labels)"
     return (
-        f"{allocations}\n* on (namespace, pod) group_left ({team_label})\n{labels}\n"
+        f"{allocations}\n* on (cluster, namespace, pod) group_left ({team_label})\n{labels}\n"
         f"# pods kube-state-metrics does not (yet) list keep their allocation, without a team\n"
-        f"or on (namespace, pod)\n{allocations}"
+        f"or on (cluster, namespace, pod)\n{allocations}"
     )
 
 

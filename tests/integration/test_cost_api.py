@@ -116,6 +116,17 @@ SERIES: list[tuple[str, dict[str, str], Value]] = [
     # Utilization measured on the H100 only (A100 MIG instances have no GPM): 50 % busy.
     ("pod:gpu_measured_devices:share", SERVE, ALL(1.0)),
     ("pod:gpu_utilized_devices:share", SERVE, ALL(0.5)),
+    # Their sums by namespace, as the pricing rules record them for reports.
+    ("namespace:gpu_allocated_devices:sum", {"namespace": "ml-serving"}, ALL(1.0)),
+    (
+        "namespace:gpu_allocated_devices:sum",
+        {"namespace": "research"},
+        lambda d: 1 / 7 if d == 0 else 3 / 7,
+    ),
+    ("namespace:gpu_measured_devices:sum", {"namespace": "ml-serving"}, ALL(1.0)),
+    ("namespace:gpu_utilized_devices:sum", {"namespace": "ml-serving"}, ALL(0.5)),
+    ("node:gpu_allocated_devices:sum", {"node": "n1"}, ALL(1.0)),
+    ("node:gpu_allocated_devices:sum", {"node": "n2"}, lambda d: 1 / 7 if d == 0 else 3 / 7),
     ("device:gpu_unallocated_devices:share", GPU_B, lambda d: 6 / 7 if d == 0 else 4 / 7),
     ("device:gpu_unallocated_devices:share", GPU_C, ALL(1.0)),
 ]
@@ -412,7 +423,7 @@ def assert_invalid(response: Any, field: str) -> None:
         ("/api/v1/gpu/cost/analysis?days=0", "days"),
         ("/api/v1/gpu/cost/analysis?days=91", "days"),
         ("/api/v1/gpu/cost/analysis?days=seven", "days"),
-        ("/api/v1/gpu/cost/report?aggregate=cluster", "aggregate"),
+        ("/api/v1/gpu/cost/report?aggregate=datacenter", "aggregate"),
         ("/api/v1/gpu/cost/report?format=xlsx", "format"),
         ('/api/v1/gpu/cost/report?namespace=a"} or vector(1) #', "namespace"),
         ('/api/v1/gpu/cost/report?team=x"}) or vector(1', "team"),

@@ -195,8 +195,15 @@ def test_report_plan_reads_the_cheapest_series() -> None:
     assert filtered.by == ("label_squad",)
     assert filtered.filters == {"namespace": "research", "label_squad": "ml"}
     assert filtered.unallocated_metric is None
+    # By cluster: the namespace sums (they keep the cluster label) add up per cluster.
+    clusters = cost.report_plan("cluster")
+    assert (clusters.cost_metric, clusters.by) == (pricing.NAMESPACE_COST, ("cluster",))
+    assert (clusters.unallocated_metric, clusters.unallocated_by) == (
+        pricing.DEVICE_UNALLOCATED,
+        ("cluster",),
+    )
     with pytest.raises(InvalidParameter, match="aggregate"):
-        cost.report_plan("cluster")
+        cost.report_plan("datacenter")
 
 
 # --- report rows, CSV, summaries --------------------------------------------------------------
