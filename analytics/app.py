@@ -22,6 +22,16 @@ from analytics.context import CLOCK_KEY, EXTENSION_KEY, Clock, Services, utc_now
 from analytics.envelope import ErrorCode, error_response, register_error_handlers, request_id
 from analytics.envelope import log as api_log
 from analytics.forecasting import ForecastStore
+from analytics.limits import (
+    CACHE_KEY,
+    GatedPrometheus,
+    LimitMetrics,
+    Overloaded,
+    RateLimiter,
+    ResultCache,
+    install_rate_limit,
+    overloaded_response,
+)
 from analytics.openapi import build_document
 from analytics.pricing import load_pricing, render_rules
 from analytics.prometheus import (
@@ -31,6 +41,7 @@ from analytics.prometheus import (
     PrometheusUnavailable,
 )
 from analytics.promql import InvalidParameter
+from analytics.scope import install_scope_guard
 from analytics.telemetry import (
     InstrumentedPrometheus,
     ServiceMetrics,
@@ -69,7 +80,8 @@ def create_app(
 
     ``prometheus`` replaces the client built from ``config.prometheus`` (tests inject a fake or
     a client for a test server); ``clock`` returns "now" as an aware UTC datetime.
-    Raises :class:`ConfigError` if tokens are configured but none was loaded (fail closed).
+    Raises :class:`ConfigError` if tokens are configured but none was loaded, or a token scope
+    names a token that is not configured (fail closed).
     """
     if config.api_tokens_file is not None and not config.api_tokens:
         raise ConfigError(
@@ -78,11 +90,21 @@ def create_app(
             f"{config.api_tokens_file} was configured but no token was loaded",
             "build the Config with load_config(), which reads the tokens",
         )
+    unknown = set(config.api_token_scopes) - set(config.api_tokens)
+    if unknown:
+        raise ConfigError(
+            config.origin,
+            "api_tokens_file",
+            f"{len(unknown)} scoped token(s) are not among the configured tokens",
+            "build the Config with load_config(), which reads tokens and scopes together",
+        )
     app = Flask("analytics")
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the envelope's key order
 
     registry = CollectorRegistry(auto_describe=True)
     metrics = ServiceMetrics(registry)
+    limit_metrics = LimitMetrics(registry)
+    limits = config.limits
     client = prometheus if prometheus is not None else prometheus_client_from_config(config)
     instrumented = InstrumentedPrometheus(
         client, metrics, PrometheusUnavailable, PrometheusQueryError
@@ -93,8 +115,12 @@ def create_app(
     if prices is not None:
         # Also fails start-up for a pricing the source cannot serve (usage split on DCGM).
         render_rules(prices, config.rules_interval, config.team_label, config.rule_inputs())
-    # Duck-typed proxy: same methods, plus timing and error counting.
-    proxy = cast(PrometheusClient, instrumented)
+    # Duck-typed proxies: same methods, plus timing and error counting, and at most
+    # max_concurrent_queries queries in flight (requests and background refreshes together).
+    proxy = cast(
+        PrometheusClient,
+        GatedPrometheus(instrumented, limits.max_concurrent_queries, limits.queue_timeout_seconds),
+    )
     now = clock or utc_now
     forecasts = ForecastStore(
         lambda: forecasting.compute(
@@ -120,12 +146,30 @@ def create_app(
     registry.register(forecast_metrics(forecasts, config.refresh_seconds))
     app.extensions[EXTENSION_KEY] = ctx
     app.extensions[CLOCK_KEY] = ctx.clock
+    app.extensions["gpu_analytics_limit_metrics"] = limit_metrics
+    # A request joining an identical one in flight waits as long as that one may take.
+    budget = config.prometheus.timeout_seconds * (config.prometheus.retries + 1)
+    app.extensions[CACHE_KEY] = ResultCache(
+        limits.cache_ttl_seconds,
+        limits.cache_max_entries,
+        min(600.0, 4 * budget + limits.queue_timeout_seconds),
+        metrics=limit_metrics,
+    )
 
     metrics.install(app)
+    # Before authentication: requests with a wrong token count against their address.
+    install_rate_limit(
+        app,
+        anonymous=limits.requests_per_minute,
+        token=limits.token_requests_per_minute,
+        limiter=RateLimiter(),
+    )
     if config.api_tokens:
-        install_auth(app, config.api_tokens)
+        install_auth(app, config.api_tokens, config.api_token_scopes)
+    install_scope_guard(app)
     register_error_handlers(app)
     _register_prometheus_errors(app)
+    app.register_error_handler(Overloaded, overloaded_response)
 
     areas = load_areas(blueprint_modules)
     paths: dict[str, Any] = {}
@@ -135,7 +179,12 @@ def create_app(
         if area.root is not None:
             app.register_blueprint(area.root)
         paths.update(area.openapi_paths)
-    document = build_document(paths, auth_enabled=bool(config.api_tokens))
+    document = build_document(
+        paths,
+        auth_enabled=bool(config.api_tokens),
+        scoped_tokens=bool(config.api_token_scopes),
+        rate_limited=limits.requests_per_minute > 0 or limits.token_requests_per_minute > 0,
+    )
 
     @app.get("/metrics")
     def own_metrics() -> Response:

@@ -23,7 +23,9 @@ Keys (all optional; defaults in brackets)::
     honor_labels: true                  # false: pod labels arrive as exported_namespace, ...
     exporter_up_selector: up{job=~".*gpu.*"}   # health: the exporter targets [by source]
     listen: 0.0.0.0:8080                # [0.0.0.0:8080]
-    api_tokens_file: tokens.txt         # bearer tokens for /api/v1, one per line or a YAML list
+    api_tokens_file: tokens.txt         # bearer tokens for /api/v1: one per line, a YAML list
+                                        # of strings, or of {token, teams, namespaces} mappings
+                                        # (team-scoped tokens, see docs/security.md)
     refresh_seconds: 60                 # how often cached results are recomputed [60]
     rules_interval_seconds: 60          # evaluation interval of the cost recording rules [60]
     forecast_refresh_seconds: 900       # how often the forecast models are refitted [900]
@@ -33,6 +35,19 @@ Keys (all optional; defaults in brackets)::
       window_minutes: 30                # how long it must stay under to count
       namespaces: {batch: 0.02}         # per-namespace thresholds
     rightsize_headroom: 0.2             # spare memory/compute left on a smaller MIG profile [0.2]
+    limits:                             # what keeps load on the service and Prometheus bounded
+      requests_per_minute: 1000         # /api/v1 requests per client address without a token,
+                                        # per minute (seed 001 section 8); 0: no limit [1000]
+      token_requests_per_minute: 5000   # per bearer token, per minute; 0: no limit [5000]
+      max_concurrent_queries: 8         # Prometheus queries in flight from this process [8]
+      queue_timeout_seconds: 5          # wait this long for a free query slot, then 503 [5]
+      cache_ttl_seconds: 30             # identical report requests share one result this long;
+                                        # 0: only concurrent ones share it [30]
+      cache_max_entries: 256            # distinct report results kept [256]
+
+Upper bounds keep a typo from unbounding the service: ``prometheus.timeout_seconds`` at most
+300, ``prometheus.retries`` at most 10, ``limits.queue_timeout_seconds`` at most 60,
+``limits.cache_ttl_seconds`` at most 3600.
 
 Every scalar key has an environment override named after its path: ``GPU_ANALYTICS_`` plus the
 upper-cased path joined by ``_``, e.g. ``GPU_ANALYTICS_PROMETHEUS_URL``, ``GPU_ANALYTICS_LISTEN``.
@@ -53,6 +68,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from analytics.idle import IdleSettings, rule_settings
+from analytics.scope import Scope
 from analytics.sources import (
     SOURCES,
     TEAM_SOURCES,
@@ -107,6 +123,30 @@ class PrometheusConfig:
     password: str | None = field(default=None, repr=False)
 
 
+MAX_PROMETHEUS_TIMEOUT_S = 300.0
+MAX_PROMETHEUS_RETRIES = 10
+MAX_QUEUE_TIMEOUT_S = 60.0
+MAX_CACHE_TTL_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Rate limits, the cap on Prometheus queries in flight, and the report cache."""
+
+    #: /api/v1 requests per minute per client address without a valid token; 0: unlimited.
+    requests_per_minute: int = 1000
+    #: /api/v1 requests per minute per bearer token; 0: unlimited.
+    token_requests_per_minute: int = 5000
+    #: Prometheus queries in flight from this process (requests and background refreshes).
+    max_concurrent_queries: int = 8
+    #: How long a query waits for a free slot before the request answers 503.
+    queue_timeout_seconds: float = 5.0
+    #: How long a report result is reused for identical requests; 0: only concurrent ones.
+    cache_ttl_seconds: float = 30.0
+    #: Distinct report results kept (least recently stored dropped first).
+    cache_max_entries: int = 256
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole service configuration (immutable; build it with :func:`load_config`)."""
@@ -122,6 +162,9 @@ class Config:
     listen: str = DEFAULT_LISTEN
     api_tokens_file: Path | None = None
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    #: Tokens bound to teams or namespaces (a token not listed here sees everything).
+    api_token_scopes: Mapping[str, Scope] = field(default_factory=dict, repr=False)
+    limits: Limits = field(default_factory=Limits)
     refresh_seconds: float = 60.0
     #: The cost rules' evaluation interval: each recorded sample stands for this long.
     rules_interval_seconds: float = 60.0
@@ -305,15 +348,30 @@ def _read_secret(r: _Reader, key: str, path: Path) -> str:
 
 
 def read_api_tokens(path: Path, *, source: str = "<api_tokens_file>") -> tuple[str, ...]:
-    """The bearer tokens in ``path``: a YAML list of strings, or one token per line.
+    """The bearer tokens in ``path``: one per line, a YAML list of strings or of mappings.
 
     Blank lines and ``#`` comments are skipped. A file that cannot be read or holds no token is a
     :class:`ConfigError`: with tokens configured the API must never fall open.
     """
+    return tuple(read_api_token_file(path, source=source))
+
+
+_TOKEN_KEYS = ("token", "teams", "namespaces")
+
+
+def read_api_token_file(path: Path, *, source: str = "<api_tokens_file>") -> dict[str, Scope]:
+    """Every token in ``path`` with its scope (unrestricted for plain tokens), in file order.
+
+    Formats: one token per line; a YAML list of strings; or a YAML list whose items may also be
+    mappings ``{token: ..., teams: [...], namespaces: [...]}``, a token that sees only those
+    teams' and namespaces' pods. A mapping that names ``teams`` or ``namespaces`` must list at
+    least one value (an empty list would read as "everything"), values must be a team label
+    value and a namespace name, and one token cannot appear twice with different scopes.
+    """
     r = _Reader(source, path.parent)
     key = "api_tokens_file"
     text = _read_secret(r, key, path)
-    tokens: list[str]
+    entries: list[tuple[str, Scope]] = []
     loaded: Any = None
     first = next(line.strip() for line in text.splitlines() if line.strip())
     if first.startswith(("-", "[")):
@@ -322,36 +380,88 @@ def read_api_tokens(path: Path, *, source: str = "<api_tokens_file>") -> tuple[s
         except yaml.YAMLError:
             loaded = None
     if isinstance(loaded, list):
-        tokens = []
         for index, item in enumerate(loaded):
-            if not isinstance(item, str):
+            where = f"{key}[{index}]"
+            if isinstance(item, Mapping):
+                entries.append(_scoped_token(r, where, path, item))
+            elif isinstance(item, str):
+                entries.append((item.strip(), Scope()))
+            else:
                 raise r.fail(
-                    f"{key}[{index}]",
-                    f"{path}: token {index} is {type(item).__name__}, not a string",
+                    where,
+                    f"{path}: token {index} is {type(item).__name__}, not a string or mapping",
                     "quote tokens that YAML would read as numbers or booleans",
                 )
-            tokens.append(item.strip())
     else:
-        tokens = [
-            line.strip()
+        entries = [
+            (line.strip(), Scope())
             for line in text.splitlines()
             if line.strip() and not line.strip().startswith("#")
         ]
-    tokens = [token for token in tokens if token]
-    if not tokens:
+    entries = [(token, scope) for token, scope in entries if token]
+    if not entries:
         raise r.fail(
             key,
             f"{path} holds no token",
             "add one token per line, or remove api_tokens_file to turn authentication off",
         )
-    for index, token in enumerate(tokens):
+    out: dict[str, Scope] = {}
+    for index, (token, scope) in enumerate(entries):
         if not _TOKEN.match(token):
             raise r.fail(
                 key,
                 f"{path}: token {index + 1} contains spaces or non-ASCII characters",
                 "use printable ASCII tokens, e.g. from `openssl rand -hex 32`",
             )
-    return tuple(dict.fromkeys(tokens))
+        if out.get(token, scope) != scope:
+            raise r.fail(
+                key,
+                f"{path}: token {index + 1} is listed twice with different scopes",
+                "list each token once",
+            )
+        out[token] = scope
+    return out
+
+
+def _scoped_token(r: _Reader, where: str, path: Path, item: Mapping[Any, Any]) -> tuple[str, Scope]:
+    """One ``{token, teams, namespaces}`` entry of the tokens file."""
+    from analytics.promql import InvalidParameter, NameRule, validate_name
+
+    for name in item:
+        if name not in _TOKEN_KEYS:
+            raise r.fail(f"{where}.{name}", f"{path}: unknown key", f"use {', '.join(_TOKEN_KEYS)}")
+    token = item.get("token")
+    if not isinstance(token, str) or not token.strip():
+        raise r.fail(
+            f"{where}.token", f"{path}: missing or not a string", "give the token as a string"
+        )
+    values: dict[str, frozenset[str]] = {}
+    rules: tuple[tuple[str, NameRule], ...] = (
+        ("teams", "label-value"),
+        ("namespaces", "dns-label"),
+    )
+    for name, rule in rules:
+        if name not in item:
+            values[name] = frozenset()
+            continue
+        raw = item[name]
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list) or not raw:
+            raise r.fail(
+                f"{where}.{name}",
+                f"{path}: expected a non-empty list, got {_describe(raw)}",
+                f"list at least one, or drop '{name}'",
+            )
+        for value in raw:
+            try:
+                validate_name(value, name, rule=rule)
+            except InvalidParameter as exc:
+                raise r.fail(
+                    f"{where}.{name}", f"{path}: {value!r} {exc.reason}", "fix it"
+                ) from None
+        values[name] = frozenset(raw)
+    return token.strip(), Scope(teams=values["teams"], namespaces=values["namespaces"])
 
 
 _TOP_KEYS = (
@@ -369,6 +479,7 @@ _TOP_KEYS = (
     "idle",
     "rightsize_headroom",
     "forecast_refresh_seconds",
+    "limits",
 )
 _PROMETHEUS_KEYS = (
     "url",
@@ -379,7 +490,15 @@ _PROMETHEUS_KEYS = (
     "password_file",
 )
 _IDLE_KEYS = ("threshold", "window_minutes", "namespaces")
-_SECTIONS = {"prometheus": _PROMETHEUS_KEYS, "idle": _IDLE_KEYS}
+_LIMITS_KEYS = (
+    "requests_per_minute",
+    "token_requests_per_minute",
+    "max_concurrent_queries",
+    "queue_timeout_seconds",
+    "cache_ttl_seconds",
+    "cache_max_entries",
+)
+_SECTIONS = {"prometheus": _PROMETHEUS_KEYS, "idle": _IDLE_KEYS, "limits": _LIMITS_KEYS}
 
 
 def _env_name(path: str) -> str:
@@ -391,6 +510,7 @@ ENV_OVERRIDES: dict[str, str] = {
     path: _env_name(path)
     for path in [f"prometheus.{k}" for k in _PROMETHEUS_KEYS]
     + ["idle.threshold", "idle.window_minutes"]
+    + [f"limits.{k}" for k in _LIMITS_KEYS]
     + [k for k in _TOP_KEYS if k not in _SECTIONS]
 }
 
@@ -492,8 +612,11 @@ def load_config(
     rules_idle = rule_settings()
     api_tokens_file = get("api_tokens_file", _path, None)
     api_tokens: tuple[str, ...] = ()
+    token_scopes: dict[str, Scope] = {}
     if api_tokens_file is not None:
-        api_tokens = read_api_tokens(api_tokens_file, source=reader("api_tokens_file").source)
+        scopes = read_api_token_file(api_tokens_file, source=reader("api_tokens_file").source)
+        api_tokens = tuple(scopes)
+        token_scopes = {token: scope for token, scope in scopes.items() if scope.restricted}
 
     return Config(
         prometheus=prometheus,
@@ -510,6 +633,8 @@ def load_config(
         listen=listen,
         api_tokens_file=api_tokens_file,
         api_tokens=api_tokens,
+        api_token_scopes=token_scopes,
+        limits=_load_limits(get),
         refresh_seconds=float(get("refresh_seconds", _positive, 60.0)),
         rules_interval_seconds=float(get("rules_interval_seconds", _positive, 60.0)),
         rightsize_headroom=float(get("rightsize_headroom", _fraction, 0.2)),
@@ -551,6 +676,52 @@ def _positive(r: _Reader, key: str, value: Any) -> float:
     return float(_number(r, key, value, minimum=0))
 
 
+def _at_most(r: _Reader, key: str, value: Any, maximum: float) -> Any:
+    """``value`` (already converted) if it is at most ``maximum``, else a ConfigError."""
+    if value > maximum:
+        raise r.fail(key, f"must be at most {maximum:g}, got {value!r}", f"set {maximum:g} or less")
+    return value
+
+
+def _load_limits(get: Callable[[str, Callable[[_Reader, str, Any], Any], Any], Any]) -> Limits:
+    """The ``limits`` section: rate limits, the Prometheus query cap and the report cache."""
+    defaults = Limits()
+
+    def count(minimum: int) -> Callable[[_Reader, str, Any], int]:
+        return lambda r, k, v: int(_number(r, k, v, minimum=minimum, integer=True))
+
+    def seconds(maximum: float, zero: bool) -> Callable[[_Reader, str, Any], float]:
+        def convert(r: _Reader, k: str, v: Any) -> float:
+            if zero and not isinstance(v, bool) and v in (0, "0", "0.0"):
+                return 0.0
+            return float(_at_most(r, k, _positive(r, k, v), maximum))
+
+        return convert
+
+    return Limits(
+        requests_per_minute=get(
+            "limits.requests_per_minute", count(0), defaults.requests_per_minute
+        ),
+        token_requests_per_minute=get(
+            "limits.token_requests_per_minute", count(0), defaults.token_requests_per_minute
+        ),
+        max_concurrent_queries=get(
+            "limits.max_concurrent_queries", count(1), defaults.max_concurrent_queries
+        ),
+        queue_timeout_seconds=get(
+            "limits.queue_timeout_seconds",
+            seconds(MAX_QUEUE_TIMEOUT_S, zero=False),
+            defaults.queue_timeout_seconds,
+        ),
+        cache_ttl_seconds=get(
+            "limits.cache_ttl_seconds",
+            seconds(MAX_CACHE_TTL_S, zero=True),
+            defaults.cache_ttl_seconds,
+        ),
+        cache_max_entries=get("limits.cache_max_entries", count(1), defaults.cache_max_entries),
+    )
+
+
 def _label_name(r: _Reader, key: str, value: Any) -> str:
     text = _string(r, key, value, "name a Prometheus label, e.g. label_team")
     if not _LABEL_NAME.match(text):
@@ -567,11 +738,19 @@ def _load_prometheus(
     reader: Callable[[str], _Reader],
 ) -> PrometheusConfig:
     url = get("prometheus.url", _url, DEFAULT_PROMETHEUS_URL)
-    timeout = float(get("prometheus.timeout_seconds", _positive, 10.0))
+    timeout = float(
+        get(
+            "prometheus.timeout_seconds",
+            lambda r, k, v: _at_most(r, k, _positive(r, k, v), MAX_PROMETHEUS_TIMEOUT_S),
+            10.0,
+        )
+    )
     retries = int(
         get(
             "prometheus.retries",
-            lambda r, k, v: _number(r, k, v, minimum=0, integer=True),
+            lambda r, k, v: _at_most(
+                r, k, _number(r, k, v, minimum=0, integer=True), MAX_PROMETHEUS_RETRIES
+            ),
             2,
         )
     )

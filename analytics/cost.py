@@ -108,8 +108,21 @@ def _utc_second(when: dt.datetime) -> dt.datetime:
     return when.astimezone(dt.UTC).replace(microsecond=0)
 
 
+#: Times a request may name: from the Unix epoch to the year 2200 (nothing older is in any
+#: Prometheus, and arithmetic on dates near year 1 or 9999 would overflow).
+EARLIEST_TIME = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+LATEST_TIME = dt.datetime(2200, 1, 1, tzinfo=dt.UTC)
+
+
 def parse_time(text: str, field: str) -> dt.datetime:
-    """RFC 3339 (``2025-08-01T00:00:00Z``) or Unix seconds, as aware UTC."""
+    """RFC 3339 (``2025-08-01T00:00:00Z``) or Unix seconds, as aware UTC, 1970 to 2200."""
+    parsed = _parse_time(text, field)
+    if not EARLIEST_TIME <= parsed <= LATEST_TIME:
+        raise InvalidParameter(field, "must be between 1970-01-01 and 2200-01-01")
+    return parsed
+
+
+def _parse_time(text: str, field: str) -> dt.datetime:
     value = text.strip()
     if _UNIX.match(value):
         try:
@@ -120,7 +133,9 @@ def parse_time(text: str, field: str) -> dt.datetime:
         raise InvalidParameter(field, "must be RFC 3339 (2025-08-01T00:00:00Z) or Unix seconds")
     try:
         parsed = dt.datetime.fromisoformat(value.replace("z", "Z"))
-    except ValueError as exc:
+        if parsed.tzinfo is not None:
+            parsed.astimezone(dt.UTC)  # raises OverflowError near year 1 and 9999
+    except (ValueError, OverflowError) as exc:
         raise InvalidParameter(
             field, "must be RFC 3339 (2025-08-01T00:00:00Z) or Unix seconds"
         ) from exc
@@ -158,6 +173,8 @@ def parse_window(
         start_at = parse_time(start, "start")
     else:
         seconds = parse_duration(window if window is not None else default, "window")
+        if seconds > max_days * DAY_SECONDS:
+            raise InvalidParameter("window", f"the window must be at most {max_days} days")
         start_at = end_at - dt.timedelta(seconds=seconds)
     if start_at >= end_at:
         raise InvalidParameter("start", "must be before end")
@@ -256,8 +273,13 @@ def report_plan(
     namespace: str | None = None,
     team: str | None = None,
     team_label: str = pricing.DEFAULT_TEAM_LABEL,
+    scoped: bool = False,
 ) -> ReportPlan:
-    """The series to read for a report by ``aggregate`` with optional namespace/team filters."""
+    """The series to read for a report by ``aggregate`` with optional namespace/team filters.
+
+    ``scoped`` (a team-scoped token) reads the pod series, whose namespace and team labels let
+    the caller keep only the token's pods, and leaves unallocated capacity out like a filter.
+    """
     if aggregate not in AGGREGATES:
         raise InvalidParameter("aggregate", f"must be one of {', '.join(AGGREGATES)}")
     filters: dict[str, str] = {}
@@ -266,7 +288,7 @@ def report_plan(
     if team is not None:
         filters[team_label] = team
     series: tuple[str, ...]
-    if filters or aggregate == "pod":
+    if filters or scoped or aggregate == "pod":
         series = pricing.POD_SERIES
         by = pod_labels(aggregate, team_label)
     else:
@@ -276,7 +298,7 @@ def report_plan(
         by = (aggregate,)
     unallocated: str | None = None
     unallocated_by: tuple[str, ...] = ()
-    if not filters:
+    if not filters and not scoped:
         if aggregate in ("node", "model", "cluster"):
             unallocated, unallocated_by = pricing.DEVICE_UNALLOCATED, (aggregate,)
         else:

@@ -29,6 +29,11 @@ _ERRORS: dict[int, tuple[str, str, tuple[ErrorCode, ...]]] = {
     401: ("Unauthorized", "Missing or invalid bearer token", (ErrorCode.UNAUTHORIZED,)),
     403: ("Forbidden", "The token may not do this", (ErrorCode.FORBIDDEN,)),
     404: ("NotFound", "No such resource", (ErrorCode.RESOURCE_NOT_FOUND,)),
+    429: (
+        "TooManyRequests",
+        "Rate limit exceeded; retry after Retry-After seconds (details.retryAfter)",
+        (ErrorCode.RATE_LIMIT_EXCEEDED,),
+    ),
     500: (
         "InternalError",
         "Unexpected error; details in the service log",
@@ -36,7 +41,7 @@ _ERRORS: dict[int, tuple[str, str, tuple[ErrorCode, ...]]] = {
     ),
     503: (
         "ServiceUnavailable",
-        "Prometheus is unreachable or failed the query; retry later",
+        "Prometheus is unreachable or failed the query, or the service is busy; retry later",
         (ErrorCode.SERVICE_UNAVAILABLE,),
     ),
 }
@@ -174,6 +179,10 @@ def _components() -> dict[str, Any]:
         }
         for name, description, codes in _ERRORS.values()
     }
+    responses["TooManyRequests"]["headers"] = {
+        "Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."},
+        **RATE_LIMIT_HEADERS,
+    }
     return {
         "schemas": schemas,
         "responses": responses,
@@ -192,6 +201,23 @@ def _version() -> str:
         return metadata.version("k8s-gpu-monitor")
     except metadata.PackageNotFoundError:
         return "0.0.0"
+
+
+#: Seed 001 section 8's headers, on every /api/v1 response while rate limits are on.
+RATE_LIMIT_HEADERS: dict[str, Any] = {
+    "X-RateLimit-Limit": {
+        "schema": {"type": "integer"},
+        "description": "Requests allowed per minute for this token (or client address).",
+    },
+    "X-RateLimit-Remaining": {
+        "schema": {"type": "integer"},
+        "description": "Requests left in the current minute.",
+    },
+    "X-RateLimit-Reset": {
+        "schema": {"type": "integer"},
+        "description": "Unix time (seconds) when the current minute's count resets.",
+    },
+}
 
 
 # Paths the app itself serves (not an area): its own metrics and this document.
@@ -225,8 +251,18 @@ CORE_PATHS: dict[str, Any] = {
 }
 
 
-def build_document(paths: Mapping[str, Any], *, auth_enabled: bool) -> dict[str, Any]:
-    """The OpenAPI document for ``paths`` (path items keyed by full path)."""
+def build_document(
+    paths: Mapping[str, Any],
+    *,
+    auth_enabled: bool,
+    scoped_tokens: bool = False,
+    rate_limited: bool = False,
+) -> dict[str, Any]:
+    """The OpenAPI document for ``paths`` (path items keyed by full path).
+
+    ``scoped_tokens`` adds 403 (a team-scoped token asking beyond its scope) to protected
+    operations; ``rate_limited`` adds 429 to every ``/api/v1`` operation.
+    """
     merged: dict[str, Any] = {}
     for path, item in {**CORE_PATHS, **paths}.items():
         if path in merged:
@@ -234,10 +270,18 @@ def build_document(paths: Mapping[str, Any], *, auth_enabled: bool) -> dict[str,
         new_item: dict[str, Any] = {}
         for method, op in item.items():
             op = dict(op)
+            api = path.startswith(API_PREFIX + "/")
             if auth_enabled and requires_token(path):
                 op["responses"] = {
                     **op["responses"],
                     "401": {"$ref": "#/components/responses/Unauthorized"},
+                }
+                if scoped_tokens:
+                    op["responses"]["403"] = {"$ref": "#/components/responses/Forbidden"}
+            if rate_limited and api:
+                op["responses"] = {
+                    **op["responses"],
+                    "429": {"$ref": "#/components/responses/TooManyRequests"},
                 }
             elif auth_enabled:
                 op.setdefault("security", [])  # open despite the document-wide requirement

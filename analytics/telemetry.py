@@ -380,6 +380,9 @@ ANALYTICS_METRIC_NAMES: tuple[str, ...] = (
     "gpu_analytics_http_request_duration_seconds",
     "gpu_analytics_prometheus_errors_total",
     "gpu_analytics_prometheus_request_duration_seconds",
+    # analytics.limits: rejections (rate limit, overload) and the report cache's outcomes.
+    "gpu_analytics_rejected_requests_total",
+    "gpu_analytics_report_cache_requests_total",
     *(
         family.name
         for family in (

@@ -4,6 +4,11 @@ Every figure is read from the pricing rules' recorded series (``analytics.pricin
 90-day report sums a few recorded series in Prometheus instead of re-joining raw device
 series. The arithmetic lives in :mod:`analytics.cost`; this module parses requests, runs the
 queries and shapes the answers.
+
+A team-scoped token reads the pod series instead (their namespace and team labels say whose
+each dollar is) and gets only its pods' rows: no unallocated capacity, no cluster totals.
+Reports go through the single-flight cache (:func:`analytics.limits.cached`), keyed by the
+parsed parameters and the token's scope.
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ import pandas as pd
 from flask import Blueprint, Response, request
 
 from analytics import cost, optimize, pricing
+from analytics import scope as scopes
 from analytics.auth import API_PREFIX
 from analytics.blueprints import idle as idle_area
 from analytics.context import services
 from analytics.envelope import ApiError, ErrorCode, success, utc_timestamp
+from analytics.limits import cached
 from analytics.openapi import DOLLARS, NULLABLE_RATIO, operation, query_param
 from analytics.promql import validate_name
+from analytics.scope import scoped
 
 api = Blueprint("cost", __name__)
 
@@ -40,13 +48,15 @@ def _arg(name: str) -> str | None:
 
 
 def _filters() -> tuple[str | None, str | None]:
-    """The namespace and team filters, validated (Kubernetes rules) before reaching PromQL."""
+    """The namespace and team filters, validated (Kubernetes rules) before reaching PromQL,
+    and within the token's scope (403 otherwise)."""
     namespace = _arg("namespace")
     team = _arg("team")
     if namespace is not None:
         validate_name(namespace, "namespace", rule="dns-label")
     if team is not None:
         validate_name(team, "team", rule="label-value")
+    scopes.current().check_filters(namespace, team)
     return namespace, team
 
 
@@ -57,10 +67,25 @@ def _totals(
     aggregate: str,
     filters: Mapping[str, str] | None = None,
 ) -> dict[str, float]:
-    """key -> window total of ``metric`` (dollars, or GPU-hours for device shares)."""
-    query = cost.window_sum_query(metric, window, by, filters)
+    """key -> window total of ``metric`` (dollars, or GPU-hours for device shares).
+
+    For a team-scoped token only pod series are read, grouped by namespace and team label
+    too, and only the series of the token's pods count.
+    """
+    scope = scopes.current()
+    if not scope.restricted:
+        query = cost.window_sum_query(metric, window, by, filters)
+        samples = services().prometheus.query(query, at=window.end.timestamp())
+        rows = [(s.labels, s.value) for s in samples]
+        return cost.window_totals(rows, by, aggregate, _interval())
+    if metric not in pricing.POD_SERIES:  # only pod series say whose a dollar is
+        raise RuntimeError(f"{metric} cannot be read for a team-scoped token")
+    team_label = services().config.team_label
+    query_by = tuple(dict.fromkeys((*by, "namespace", team_label)))
+    query = cost.window_sum_query(metric, window, query_by, filters)
     samples = services().prometheus.query(query, at=window.end.timestamp())
-    return cost.window_totals([(s.labels, s.value) for s in samples], by, aggregate, _interval())
+    rows = [(s.labels, s.value) for s in samples if scope.allows_labels(s.labels, team_label)]
+    return cost.window_totals(rows, by, aggregate, _interval())
 
 
 def _optional(
@@ -85,31 +110,47 @@ def _total(metric: str, window: cost.Window) -> float | None:
 
 
 @api.get("/gpu/cost/analysis")
+@scoped("filtered")
 def cost_analysis() -> Response:
     """The seed's cost analysis over the last ``days`` days, from the recorded cost series."""
     days = cost.parse_int(
         _arg("days"), "days", default=cost.DEFAULT_DAYS, low=1, high=cost.MAX_WINDOW_DAYS
     )
+    return success(cached("cost-analysis", (days,), lambda: _analysis(days)))
+
+
+def _analysis(days: int) -> dict[str, Any]:
     now = services().clock()
     end = now.astimezone(dt.UTC).replace(microsecond=0)
     window = cost.Window(end - dt.timedelta(days=days), end)
-    allocated = _total(pricing.CLUSTER_ALLOCATED, window)
-    unallocated = _total(pricing.CLUSTER_UNALLOCATED, window)
-    total = (
-        None
-        if allocated is None and unallocated is None
-        else (allocated or 0.0) + (unallocated or 0.0)
-    )
-    data: dict[str, Any] = {
+    if scopes.current().restricted:
+        # The token's pods only: every figure from the pod series, no unallocated capacity.
+        team_label = services().config.team_label
+        by_namespace = _totals(pricing.POD_COST, window, ("namespace",), "namespace")
+        by_team = _totals(pricing.POD_COST, window, (team_label,), "team")
+        by_model = _totals(pricing.POD_COST, window, ("model",), "model")
+        by_profile = _totals(pricing.POD_COST, window, ("mig_profile",), "mig_profile")
+        allocated = sum(by_namespace.values()) if by_namespace else None
+        unallocated = None
+        total = allocated
+    else:
+        allocated = _total(pricing.CLUSTER_ALLOCATED, window)
+        unallocated = _total(pricing.CLUSTER_UNALLOCATED, window)
+        total = (
+            None
+            if allocated is None and unallocated is None
+            else (allocated or 0.0) + (unallocated or 0.0)
+        )
+        by_namespace = _totals(pricing.NAMESPACE_COST, window, ("namespace",), "namespace")
+        by_team = _totals(pricing.TEAM_COST, window, ("team",), "team")
+        by_model = _totals(pricing.MODEL_COST, window, ("model",), "model")
+        by_profile = _totals(pricing.MIG_PROFILE_COST, window, ("mig_profile",), "mig_profile")
+    return {
         **cost.cost_summary(total, window.days),
-        "costByNamespace": cost.by_name(
-            _totals(pricing.NAMESPACE_COST, window, ("namespace",), "namespace")
-        ),
-        "costByTeam": cost.by_name(_totals(pricing.TEAM_COST, window, ("team",), "team")),
-        "costByModel": cost.by_name(_totals(pricing.MODEL_COST, window, ("model",), "model")),
-        "costByMigProfile": cost.by_name(
-            _totals(pricing.MIG_PROFILE_COST, window, ("mig_profile",), "mig_profile")
-        ),
+        "costByNamespace": cost.by_name(by_namespace),
+        "costByTeam": cost.by_name(by_team),
+        "costByModel": cost.by_name(by_model),
+        "costByMigProfile": cost.by_name(by_profile),
         "idleCost": {cost.UNALLOCATED: cost.money(unallocated)},
         "totalCost": cost.money(total),
         "allocatedCost": cost.money(allocated),
@@ -118,23 +159,51 @@ def cost_analysis() -> Response:
         "currency": cost.CURRENCY,
         "window": window.describe(),
     }
-    return success(data)
 
 
 # -- /gpu/cost/report --------------------------------------------------------------------------
 
 
 @api.get("/gpu/cost/report")
+@scoped("filtered")
 def cost_report() -> Response:
     """Cost by one aggregate over a window, with GPU-hours, efficiency and share; JSON or CSV."""
-    window = cost.parse_window(
-        now=services().clock(), window=_arg("window"), start=_arg("start"), end=_arg("end")
-    )
+    length, start, end = _arg("window"), _arg("start"), _arg("end")
+
+    def window() -> cost.Window:
+        return cost.parse_window(now=services().clock(), window=length, start=start, end=end)
+
+    window()  # a bad window is a 400 before anything is cached
     aggregate = cost.parse_choice(_arg("aggregate"), "aggregate", cost.AGGREGATES, "namespace")
     fmt = cost.parse_choice(_arg("format"), "format", cost.FORMATS, "json")
     namespace, team = _filters()
+
+    key = (length, start, end, aggregate, fmt, namespace, team)
+    kind, payload = cached(
+        "cost-report", key, lambda: _report(window(), aggregate, fmt, namespace, team)
+    )
+    if kind == "csv":
+        name, text = payload
+        return Response(
+            text,
+            mimetype="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
+        )
+    return success(payload)
+
+
+def _report(
+    window: cost.Window, aggregate: str, fmt: str, namespace: str | None, team: str | None
+) -> tuple[str, Any]:
+    """("csv", (file name, text)) or ("json", data) for one report request."""
     team_label = services().config.team_label
-    plan = cost.report_plan(aggregate, namespace=namespace, team=team, team_label=team_label)
+    plan = cost.report_plan(
+        aggregate,
+        namespace=namespace,
+        team=team,
+        team_label=team_label,
+        scoped=scopes.current().restricted,
+    )
 
     costs = _totals(plan.cost_metric, window, plan.by, aggregate, plan.filters)
     gpu_hours = _optional(plan.devices_metric, window, plan.by, aggregate, plan.filters)
@@ -161,15 +230,11 @@ def cost_report() -> Response:
     )
     if fmt == "csv":
         name = f"gpu-cost-{aggregate}-{window.start:%Y%m%dT%H%M%SZ}-{window.end:%Y%m%dT%H%M%SZ}"
-        return Response(
-            cost.report_csv(frame, window, aggregate),
-            mimetype="text/csv",
-            headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
-        )
+        return "csv", (name, cost.report_csv(frame, window, aggregate))
     rows = cost.report_records(frame)
     allocated_total = sum(r["cost"] or 0.0 for r in rows if r["kind"] == "allocated")
     unallocated_total = sum(r["cost"] or 0.0 for r in rows if r["kind"] == cost.UNALLOCATED)
-    data = {
+    return "json", {
         "aggregate": aggregate,
         "window": window.describe(),
         "currency": cost.CURRENCY,
@@ -179,13 +244,13 @@ def cost_report() -> Response:
         "unallocatedCost": cost.money(unallocated_total) if unallocated is not None else None,
         "rows": rows,
     }
-    return success(data)
 
 
 # -- /gpu/allocations/cost-statistics ----------------------------------------------------------
 
 
 @api.get("/gpu/allocations/cost-statistics")
+@scoped("filtered")
 def allocation_cost_statistics() -> Response:
     """Cost per allocation (one pod over the window): summary figures and the top N pods."""
     days = cost.parse_int(
@@ -193,6 +258,13 @@ def allocation_cost_statistics() -> Response:
     )
     top = cost.parse_int(_arg("top"), "top", default=10, low=1, high=1000)
     namespace, team = _filters()
+    key = (days, top, namespace, team)
+    return success(
+        cached("allocation-cost-statistics", key, lambda: _statistics(days, top, namespace, team))
+    )
+
+
+def _statistics(days: int, top: int, namespace: str | None, team: str | None) -> dict[str, Any]:
     team_label = services().config.team_label
     end = services().clock().astimezone(dt.UTC).replace(microsecond=0)
     window = cost.Window(end - dt.timedelta(days=days), end)
@@ -225,13 +297,12 @@ def allocation_cost_statistics() -> Response:
     frame = pd.DataFrame.from_records(
         records, columns=["namespace", "pod", "team", "cost", "gpuHours", "efficiency"]
     )
-    data = {
+    return {
         "window": window.describe(),
         "currency": cost.CURRENCY,
         "filters": {"namespace": namespace, "team": team},
         **cost.allocation_statistics(frame, top),
     }
-    return success(data)
 
 
 # -- OpenAPI -----------------------------------------------------------------------------------
@@ -426,6 +497,7 @@ _STATISTICS = operation(
 
 
 @api.get("/gpu/cost/pricing-rules")
+@scoped("open")
 def pricing_rules() -> Response:
     """The configured pricing as Prometheus recording rules, ready for a rule file.
 

@@ -3,16 +3,22 @@
 Every figure is an instant query of the exporter's metrics at the service clock's "now"
 (Prometheus' 5-minute lookback applies); the shaping lives in :mod:`analytics.devices`.
 Request values reach PromQL only through :func:`analytics.promql.selector`, after validation.
+
+A team-scoped token sees the GPUs its pods hold now (a whole GPU, or a GPU with one of its MIG
+instances held), with only its own pods in ``allocatedTo`` and only its own MIG instances;
+any other device is "not found". Free MIG capacity is cluster-wide: 403.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, g, request
 
 from analytics import devices
+from analytics import scope as scopes
 from analytics.auth import API_PREFIX
 from analytics.context import services
 from analytics.envelope import not_found, success
@@ -25,6 +31,7 @@ from analytics.openapi import (
     query_param,
 )
 from analytics.promql import selector, validate_label_value, validate_name
+from analytics.scope import scoped
 
 api = Blueprint("devices", __name__)
 
@@ -48,14 +55,78 @@ def _read(metrics: Sequence[str], **labels: str | None) -> devices.Readings:
     }
 
 
+@dataclass(frozen=True)
+class Held:
+    """What the pods a scoped token sees hold now."""
+
+    gpus: frozenset[str]  # GPU uuids, held whole or through one of their MIG instances
+    instances: frozenset[str]  # MIG instance uuids
+    pods: frozenset[tuple[str, str]]  # (namespace, pod)
+
+    def pods_only(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """``entry`` with ``allocatedTo`` cut to these pods."""
+        entry["allocatedTo"] = [
+            p for p in entry.get("allocatedTo", []) if (p["namespace"], p["pod"]) in self.pods
+        ]
+        return entry
+
+
+def held_by_scope() -> Held | None:
+    """The devices the token's pods hold now; None for a token that sees everything.
+
+    Read from the source's allocation series (``RuleInputs.allocations``), which carries the
+    namespace and the team label for our exporter and for DCGM alike.
+    """
+    scope = scopes.current()
+    if not scope.restricted:
+        return None
+    cached_held = g.get("gpu_analytics_held")
+    if isinstance(cached_held, Held):
+        return cached_held
+    ctx = services()
+    team_label = ctx.config.team_label
+    series = ctx.config.rule_inputs().allocations
+    samples = ctx.prometheus.query(selector(series), at=ctx.clock().timestamp())
+    gpus: set[str] = set()
+    instances: set[str] = set()
+    pods: set[tuple[str, str]] = set()
+    for sample in samples:
+        labels = sample.labels
+        if not scope.allows_labels(labels, team_label):
+            continue
+        if labels.get("uuid"):
+            gpus.add(labels["uuid"])
+        if labels.get("mig_uuid"):
+            instances.add(labels["mig_uuid"])
+        pods.add((labels.get("namespace", ""), labels.get("pod", "")))
+    g.gpu_analytics_held = held = Held(frozenset(gpus), frozenset(instances), frozenset(pods))
+    return held
+
+
+def _visible_devices(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The GPUs of ``found`` the token may see, with only its pods in ``allocatedTo``."""
+    held = held_by_scope()
+    if held is None:
+        return found
+    return [held.pods_only(d) for d in found if d["deviceId"] in held.gpus]
+
+
+def _visible_instances(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The MIG instances of ``found`` the token's pods hold."""
+    held = held_by_scope()
+    if held is None:
+        return found
+    return [held.pods_only(i) for i in found if i["migUuid"] in held.instances]
+
+
 def _device_id(value: str) -> str:
     """A GPU UUID from the path, validated before it reaches PromQL."""
     return validate_label_value(value, "deviceId")
 
 
 def _one_device(device_id: str) -> dict[str, Any]:
-    """The GPU with this UUID, or 404 RESOURCE_NOT_FOUND."""
-    found = devices.build_devices(_read(devices.DEVICE_METRICS, uuid=device_id))
+    """The GPU with this UUID, or 404 RESOURCE_NOT_FOUND (also when the token may not see it)."""
+    found = _visible_devices(devices.build_devices(_read(devices.DEVICE_METRICS, uuid=device_id)))
     if not found:
         raise not_found("device", device_id)
     return found[0]
@@ -65,6 +136,7 @@ def _one_device(device_id: str) -> dict[str, Any]:
 
 
 @api.get("/gpu/devices")
+@scoped("filtered")
 def list_devices() -> Response:
     """Every GPU, optionally filtered by node, model and status."""
     node = _arg("nodeName")
@@ -75,33 +147,40 @@ def list_devices() -> Response:
         validate_label_value(model, "modelId")
     status = devices.parse_status(_arg("status"))
     found = devices.build_devices(_read(devices.DEVICE_METRICS, node=node, model=model))
+    found = _visible_devices(found)
     if status is not None:
         found = [d for d in found if d["status"] == status]
     return success(found)
 
 
 @api.get("/gpu/devices/statistics")
+@scoped("filtered")
 def device_statistics() -> Response:
     """Counts by model, status and node; average utilization and memory use."""
-    return success(devices.device_statistics(devices.build_devices(_read(devices.DEVICE_METRICS))))
+    found = _visible_devices(devices.build_devices(_read(devices.DEVICE_METRICS)))
+    return success(devices.device_statistics(found))
 
 
 @api.get("/gpu/devices/overheating")
+@scoped("filtered")
 def overheating_devices() -> Response:
     """GPUs hotter than ``threshold`` degrees Celsius (default 85)."""
     threshold = devices.parse_threshold(_arg("threshold"))
-    found = devices.build_devices(_read(devices.DEVICE_METRICS))
+    found = _visible_devices(devices.build_devices(_read(devices.DEVICE_METRICS)))
     return success(
         {"thresholdCelsius": threshold, "devices": devices.overheating(found, threshold)}
     )
 
 
 @api.get("/gpu/devices/<deviceId>")
+@scoped("filtered")
 def get_device(deviceId: str) -> Response:
     """One GPU and its MIG instances."""
     device_id = _device_id(deviceId)
     device = _one_device(device_id)
-    device["migInstances"] = devices.build_mig_instances(_read(devices.MIG_METRICS, uuid=device_id))
+    device["migInstances"] = _visible_instances(
+        devices.build_mig_instances(_read(devices.MIG_METRICS, uuid=device_id))
+    )
     return success(device)
 
 
@@ -109,17 +188,21 @@ def get_device(deviceId: str) -> Response:
 
 
 @api.get("/gpu/mig/available")
+@scoped("cluster")
 def mig_available() -> Response:
     """Per GPU and MIG profile: capacity, instances that exist, and instances still creatable."""
     return success(devices.build_mig_capacity(_read(devices.CAPACITY_METRICS)))
 
 
 @api.get("/gpu/mig/devices/<deviceId>")
+@scoped("filtered")
 def mig_device(deviceId: str) -> Response:
     """The MIG instances of one GPU (empty when the GPU is not in MIG mode)."""
     device_id = _device_id(deviceId)
     device = _one_device(device_id)
-    instances = devices.build_mig_instances(_read(devices.MIG_METRICS, uuid=device_id))
+    instances = _visible_instances(
+        devices.build_mig_instances(_read(devices.MIG_METRICS, uuid=device_id))
+    )
     return success(
         {
             "deviceId": device_id,
@@ -131,9 +214,11 @@ def mig_device(deviceId: str) -> Response:
 
 
 @api.get("/gpu/mig/statistics")
+@scoped("filtered")
 def mig_statistics() -> Response:
     """MIG instances by profile: allocated vs free, and mean SM activity where known."""
-    return success(devices.mig_statistics(devices.build_mig_instances(_read(devices.MIG_METRICS))))
+    found = _visible_instances(devices.build_mig_instances(_read(devices.MIG_METRICS)))
+    return success(devices.mig_statistics(found))
 
 
 # -- OpenAPI -----------------------------------------------------------------------------------

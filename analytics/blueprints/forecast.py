@@ -3,6 +3,9 @@
 
 Answers come from the cached models (:mod:`analytics.forecasting`), refitted on a schedule;
 this module parses the request and shapes the answer.
+
+A team-scoped token may read the forecasts of its own namespaces and teams only; cluster and
+node forecasts (and capacity) are cluster-wide: 403.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from typing import Any
 from flask import Blueprint, Response, request
 
 from analytics import cost, forecasting
+from analytics import scope as scopes
 from analytics.context import services
 from analytics.envelope import ApiError, ErrorCode, success, utc_timestamp
 from analytics.openapi import NULLABLE_NUMBER, NULLABLE_STRING, operation, query_param
+from analytics.scope import forbidden, scoped
 
 api = Blueprint("forecast", __name__)
 
@@ -40,12 +45,29 @@ def _forecasts() -> forecasting.Forecasts:
 
 
 @api.get("/gpu/forecast")
+@scoped("filtered")
 def gpu_forecast() -> Response:
     """Hourly forecasts of GPU activity and of GPUs held, for a scope (default the cluster)."""
     hours = _hours()
     scope, target = forecasting.parse_scope(_arg("scope"), _arg("name"))
+    token = scopes.current()
+    allowed: frozenset[str] | None = None  # None: every target
+    if token.restricted:
+        if scope not in ("namespace", "team"):
+            raise forbidden(
+                f"{scope} forecasts are cluster-wide; a team-scoped token may ask for "
+                "scope=namespace or scope=team",
+                "scope",
+            )
+        token.check_filters(
+            namespace=target if scope == "namespace" else None,
+            team=target if scope == "team" else None,
+        )
+        allowed = token.namespaces if scope == "namespace" else token.teams
     forecasts = _forecasts()
     chosen = forecasting.select(forecasts, scope, target)
+    if allowed is not None:
+        chosen = {key: item for key, item in chosen.items() if key[1] in allowed}
     if target is not None and not chosen:
         raise ApiError(
             ErrorCode.RESOURCE_NOT_FOUND,
@@ -64,6 +86,7 @@ def gpu_forecast() -> Response:
 
 
 @api.get("/resources/forecast")
+@scoped("cluster")
 def resources_forecast() -> Response:
     """GPUs held against the GPUs there are, for the cluster and each node, with the time the
     forecast says they run out (within `hours`)."""

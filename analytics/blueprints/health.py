@@ -17,6 +17,7 @@ from analytics.auth import API_PREFIX
 from analytics.context import services
 from analytics.envelope import success, utc_timestamp
 from analytics.openapi import operation
+from analytics.scope import scoped
 
 root = Blueprint("health_root", __name__)
 api = Blueprint("health", __name__)
@@ -48,6 +49,7 @@ def _target(labels: Any) -> dict[str, str]:
 
 
 @api.get("/gpu/health")
+@scoped("open")
 def gpu_health() -> Response:
     """Cluster health: Prometheus reachable, and the GPU exporter targets that are up/down.
 

@@ -4,20 +4,27 @@ optimisation suggestions (release, right-size, consolidate) with their monthly s
 The detection lives in :mod:`analytics.idle` (and, as recording and alert rules, in `rules/`),
 the suggestions in :mod:`analytics.optimize`; this module parses requests, runs them against
 Prometheus and shapes the answers.
+
+A team-scoped token sees only its pods' idle devices and suggestions (consolidation among its
+own pods), never the unallocated capacity; both endpoints go through the report cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import Any
 
 from flask import Blueprint, Response, request
 
 from analytics import cost, idle, optimize
+from analytics import scope as scopes
 from analytics.context import services
 from analytics.envelope import success
+from analytics.limits import cached
 from analytics.openapi import DOLLARS, NULLABLE_NUMBER, NULLABLE_STRING, operation, query_param
 from analytics.promql import validate_name
+from analytics.scope import scoped
 
 api = Blueprint("idle", __name__)
 
@@ -30,10 +37,16 @@ def _arg(name: str) -> str | None:
     return value if value not in (None, "") else None
 
 
+def _text(value: Any) -> str | None:
+    """A label value as text; None for missing, empty or NaN (pandas' missing)."""
+    return value if isinstance(value, str) and value else None
+
+
 def run_idle(window: cost.Window, filters: dict[str, str] | None = None) -> idle.IdleReport:
-    """The idle report for a window, with the service's configuration."""
+    """The idle report for a window, with the service's configuration, limited to what the
+    request's token may see (its pods only, no unallocated capacity, for a scoped token)."""
     ctx = services()
-    return idle.find_idle(
+    report = idle.find_idle(
         ctx.prometheus,
         ctx.config.rule_inputs(),
         ctx.config.idle,
@@ -43,6 +56,22 @@ def run_idle(window: cost.Window, filters: dict[str, str] | None = None) -> idle
         rules_interval_seconds=ctx.config.rules_interval_seconds,
         filters=filters,
     )
+    scope = scopes.current()
+    if not scope.restricted:
+        return report
+    items = [
+        item
+        for item in report.items
+        if scope.allows(_text(item.labels["namespace"]), _text(item.labels["team"]))
+    ]
+    spells = report.spells
+    if not spells.empty:
+        keep = [
+            scope.allows(_text(ns), _text(team))
+            for ns, team in zip(spells["namespace"], spells["team"], strict=True)
+        ]
+        spells = spells[keep].reset_index(drop=True)
+    return dataclasses.replace(report, items=items, spells=spells, unallocated=[])
 
 
 def run_suggestions(window: cost.Window) -> list[dict[str, Any]]:
@@ -57,6 +86,8 @@ def run_suggestions(window: cost.Window) -> list[dict[str, Any]]:
         team_label=ctx.config.team_label,
         rules_interval_seconds=ctx.config.rules_interval_seconds,
     )
+    scope = scopes.current()
+    holdings = [h for h in holdings if scope.allows(h.namespace or None, h.team)]
     return optimize.suggestions(
         report.items,
         holdings,
@@ -66,39 +97,51 @@ def run_suggestions(window: cost.Window) -> list[dict[str, Any]]:
     )
 
 
-def days_window(default: int = cost.DEFAULT_DAYS) -> cost.Window:
-    """The last `days` days (query parameter) up to the service clock, in whole seconds."""
-    days = cost.parse_int(_arg("days"), "days", default=default, low=1, high=cost.MAX_WINDOW_DAYS)
+def days_window(days: int | None = None) -> cost.Window:
+    """The last ``days`` days (default: the query parameter) up to the service clock, in whole
+    seconds."""
+    if days is None:
+        days = cost.parse_int(
+            _arg("days"), "days", default=cost.DEFAULT_DAYS, low=1, high=cost.MAX_WINDOW_DAYS
+        )
     end = services().clock().astimezone(dt.UTC).replace(microsecond=0)
     return cost.Window(end - dt.timedelta(days=days), end)
 
 
 @api.get("/gpu/cost/optimization")
+@scoped("filtered")
 def optimization() -> Response:
     """The seed's optimisation endpoint: savings suggestions from the last `days` days."""
-    window = days_window()
-    found = run_suggestions(window)
-    return success(
-        {
-            "window": window.describe(),
-            "currency": cost.CURRENCY,
-            "potentialMonthlySavings": optimize.potential_savings(found),
-            "count": len(found),
-            "suggestions": found,
-        }
+    days = cost.parse_int(
+        _arg("days"), "days", default=cost.DEFAULT_DAYS, low=1, high=cost.MAX_WINDOW_DAYS
     )
+    return success(cached("optimization", (days,), lambda: _optimization(days)))
+
+
+def _optimization(days: int) -> dict[str, Any]:
+    window = days_window(days)
+    found = run_suggestions(window)
+    return {
+        "window": window.describe(),
+        "currency": cost.CURRENCY,
+        "potentialMonthlySavings": optimize.potential_savings(found),
+        "count": len(found),
+        "suggestions": found,
+    }
 
 
 @api.get("/gpu/idle")
+@scoped("filtered")
 def idle_list() -> Response:
     """Allocated-but-idle devices in the window (most idle cost first), then unallocated ones."""
-    window = cost.parse_window(
-        now=services().clock(),
-        window=_arg("window"),
-        start=_arg("start"),
-        end=_arg("end"),
-        default="24h",
-    )
+    length, start, end = _arg("window"), _arg("start"), _arg("end")
+
+    def window() -> cost.Window:
+        return cost.parse_window(
+            now=services().clock(), window=length, start=start, end=end, default="24h"
+        )
+
+    window()  # a bad window is a 400 before anything is cached
     fmt = cost.parse_choice(_arg("format"), "format", FORMATS, "json")
     filters: dict[str, str] = {}
     namespace, team = _arg("namespace"), _arg("team")
@@ -106,16 +149,40 @@ def idle_list() -> Response:
         filters["namespace"] = validate_name(namespace, "namespace", rule="dns-label")
     if team is not None:
         filters[services().config.team_label] = validate_name(team, "team", rule="label-value")
+    scopes.current().check_filters(namespace, team)
+    key = (length, start, end, fmt, namespace, team)
+    kind, payload = cached("idle", key, lambda: _idle(window(), fmt, filters, namespace, team))
+    if kind == "csv":
+        name, text = payload
+        return Response(
+            text,
+            mimetype="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
+        )
+    return success(payload)
+
+
+def _idle(
+    window: cost.Window,
+    fmt: str,
+    filters: dict[str, str],
+    namespace: str | None,
+    team: str | None,
+) -> tuple[str, Any]:
+    """("csv", (file name, text)) or ("json", data) for one idle request."""
     settings = services().config.idle
     report = run_idle(window, filters)
     items = [idle.item_record(item, settings) for item in report.items]
     if fmt == "csv":
         name = f"gpu-idle-{window.start:%Y%m%dT%H%M%SZ}-{window.end:%Y%m%dT%H%M%SZ}"
-        return Response(
-            idle.idle_csv(items),
-            mimetype="text/csv",
-            headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
-        )
+        return "csv", (name, idle.idle_csv(items))
+    # Unallocated capacity is nobody's: not shown when filtered or to a team-scoped token.
+    scope = scopes.current()
+    hidden = bool(filters) or scope.restricted
+    thresholds = dict(settings.namespace_thresholds)
+    if scope.restricted:  # other teams' namespaces are not named either
+        seen = scope.namespaces | {str(i["namespace"]) for i in items}
+        thresholds = {ns: t for ns, t in thresholds.items() if ns in seen}
     unallocated = idle.unallocated_records(report.unallocated, window.seconds)
     idle_costs = [i["idleCost"] for i in items if i["idleCost"] is not None]
     data = {
@@ -123,7 +190,7 @@ def idle_list() -> Response:
         "filters": {"namespace": namespace, "team": team},
         "definition": {
             "threshold": settings.threshold,
-            "namespaceThresholds": dict(settings.namespace_thresholds),
+            "namespaceThresholds": thresholds,
             "windowMinutes": settings.window_seconds / 60,
             "stepSeconds": report.step_seconds,
             "source": services().config.source,
@@ -134,12 +201,12 @@ def idle_list() -> Response:
         "idleGpuHours": round(sum(i["idleHours"] * i["gpuEquivalents"] for i in items), 6),
         "idleCost": cost.money(sum(idle_costs)) if idle_costs else None,
         "items": items,
-        "unallocated": unallocated if not filters else None,
+        "unallocated": unallocated if not hidden else None,
         "unallocatedCost": (
-            cost.money(sum(u["cost"] for u in unallocated)) if not filters else None
+            cost.money(sum(u["cost"] for u in unallocated)) if not hidden else None
         ),
     }
-    return success(data)
+    return "json", data
 
 
 _EVIDENCE = {

@@ -2,6 +2,10 @@
 
 Read from the exporter's series through Prometheus at the service clock's instant; the
 arithmetic lives in :mod:`analytics.usage`, this module parses requests and runs queries.
+
+A team-scoped token sees its own pods' allocations, and usage and temperature of the GPUs its
+pods hold now (see :func:`analytics.blueprints.devices.held_by_scope`); the cluster overview
+is cluster-wide (403).
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ from typing import Any
 from flask import Blueprint, Response, request
 
 from analytics import cost, pricing, usage
+from analytics import scope as scopes
 from analytics.auth import API_PREFIX
+from analytics.blueprints.devices import held_by_scope
 from analytics.context import services
 from analytics.envelope import success, utc_timestamp
 from analytics.openapi import NULLABLE_NUMBER, NULLABLE_STRING, operation, query_param
 from analytics.promql import selector, validate_name
+from analytics.scope import scoped
 
 api = Blueprint("usage", __name__)
 
@@ -46,6 +53,7 @@ def _scalar(metric: str, at: float) -> float | None:
 
 
 @api.get("/gpu/allocations")
+@scoped("filtered")
 def allocations() -> Response:
     """Allocations observed now (``gpu_allocation_info``), filtered by namespace and team."""
     namespace = _arg("namespace")
@@ -56,11 +64,14 @@ def allocations() -> Response:
         filters["namespace"] = validate_name(namespace, "namespace", rule="dns-label")
     if team is not None:
         filters[team_label] = validate_name(team, "team", rule="label-value")
+    scopes.current().check_filters(namespace, team)
     at = _now()
     series = services().config.rule_inputs().allocations
     pods = usage.pods_per_device(_query(usage.pods_per_device_query(series), at))
-    records = usage.allocation_records(
-        _query(usage.allocations_query(filters, series), at), pods, team_label
+    records = scopes.visible(
+        usage.allocation_records(
+            _query(usage.allocations_query(filters, series), at), pods, team_label
+        )
     )
     return success(
         {
@@ -72,6 +83,7 @@ def allocations() -> Response:
 
 
 @api.get("/gpu/metrics/usage-statistics")
+@scoped("filtered")
 def usage_statistics() -> Response:
     """Per device, GPU model and node: utilization, memory and GPU-hours over the last hours."""
     hours = _hours(usage.DEFAULT_HOURS)
@@ -79,6 +91,9 @@ def usage_statistics() -> Response:
     results = {name: _query(q, at) for name, q in usage.usage_queries(hours).items()}
     devices = usage.device_statistics(results, hours)
     rows = [devices[key] for key in sorted(devices)]
+    held = held_by_scope()
+    if held is not None:
+        rows = [row for row in rows if row["deviceId"] in held.gpus]
     return success(
         {
             "timeRange": f"{hours} hours",
@@ -92,6 +107,7 @@ def usage_statistics() -> Response:
 
 
 @api.get("/gpu/metrics/overheating-alerts")
+@scoped("filtered")
 def overheating_alerts() -> Response:
     """GPUs whose peak temperature in the last hours exceeded the threshold."""
     threshold = usage.parse_threshold(_arg("threshold"))
@@ -100,10 +116,14 @@ def overheating_alerts() -> Response:
     peaks = _query(usage.overheating_query(threshold, hours), at)
     current = _query(selector("gpu_temperature_celsius"), at)
     alerts = usage.overheating_records(peaks, current, threshold)
+    held = held_by_scope()
+    if held is not None:
+        alerts = [alert for alert in alerts if alert["deviceId"] in held.gpus]
     return success({"threshold": threshold, "hours": hours, "count": len(alerts), "alerts": alerts})
 
 
 @api.get("/gpu/overview")
+@scoped("cluster")
 def overview() -> Response:
     """The cluster now: nodes, GPUs, MIG instances, allocations, utilization, cost per hour."""
     at = _now()

@@ -21,7 +21,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from analytics.app import create_app
-from analytics.config import Config, PrometheusConfig
+from analytics.config import Config, Limits, PrometheusConfig
 from tests.conftest import PrometheusFactory, PrometheusServer
 
 pytestmark = pytest.mark.integration
@@ -163,8 +163,8 @@ def prom(
     return module_prometheus(openmetrics=history)
 
 
-def client_for(url: str, now: dt.datetime = NOW) -> FlaskClient:
-    config = Config(prometheus=PrometheusConfig(url=url, timeout_seconds=10, retries=0))
+def client_for(url: str, now: dt.datetime = NOW, **settings: Any) -> FlaskClient:
+    config = Config(prometheus=PrometheusConfig(url=url, timeout_seconds=10, retries=0), **settings)
     return create_app(config, clock=lambda: now).test_client()
 
 
@@ -447,7 +447,8 @@ def test_bad_parameters_are_400(client: FlaskClient, path: str, field: str) -> N
 
 def test_prometheus_stopped_is_503(prometheus: PrometheusFactory) -> None:
     server = prometheus()
-    client = client_for(server.url)
+    # Without the report cache, whose stored answer would (rightly) outlive the outage.
+    client = client_for(server.url, limits=Limits(cache_ttl_seconds=0))
     assert data(client.get("/api/v1/gpu/cost/analysis"))["totalCost"] is None
     server.process.terminate()
     server.process.wait(timeout=10)
