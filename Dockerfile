@@ -28,7 +28,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # The exporter's third-party distributions; their version ranges are read from pyproject.toml,
 # so this list names them without copying the pins. (pandas, statsmodels and Flask are the
 # analytics' and stay out of this image.)
-ARG EXPORTER_DISTRIBUTIONS="nvidia-ml-py prometheus-client PyYAML grpcio protobuf kubernetes"
+ARG EXPORTER_DISTRIBUTIONS="nvidia-ml-py prometheus-client PyYAML grpcio protobuf kubernetes bcrypt"
 COPY pyproject.toml /src/
 COPY --from=wheel /wheels /wheels
 RUN python - <<'EOF' > /tmp/requirements.txt

@@ -43,6 +43,9 @@ from exporter.nvml import (
 log = logging.getLogger(__name__)
 
 
+_STOP = object()  # tells a Worker's thread to end
+
+
 class Worker:
     """One daemon thread running submitted calls in order; `busy` while a call is in flight.
 
@@ -51,7 +54,7 @@ class Worker:
     """
 
     def __init__(self, name: str) -> None:
-        self._tasks: SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = SimpleQueue()
+        self._tasks: SimpleQueue[Any] = SimpleQueue()
         self._pending: Future[Any] | None = None
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
@@ -66,9 +69,16 @@ class Worker:
         self._tasks.put((call, future))
         return future
 
+    def stop(self) -> None:
+        """End the thread after the call in flight (at once when idle)."""
+        self._tasks.put(_STOP)
+
     def _run(self) -> None:
         while True:
-            call, future = self._tasks.get()
+            task = self._tasks.get()
+            if task is _STOP:
+                return
+            call, future = task
             try:
                 future.set_result(call())
             except BaseException as error:  # delivered to the waiting cycle, never lost
@@ -149,7 +159,9 @@ class Exporter:
     def _reinitialise(self) -> bool:
         """Try to bring NVML back after the driver went away; True when it answers again."""
         try:
-            self.nvml.shutdown()
+            for collector in self.collectors:
+                collector.close(self.nvml)  # event sets and GPM samples of the old session
+            self.nvml.reset()
             self.nvml.init()
             self._enumerate()
         except (NvmlStartupError, NvmlDownError) as error:
@@ -163,17 +175,26 @@ class Exporter:
         """Ask `run_forever` to return after the current cycle (safe from a signal handler)."""
         self._stop.set()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 2.0) -> None:
         """Close NVML, bounded: a wedged driver call cannot hold shutdown for long."""
         self._stop.set()
+        for worker in [*self._workers.values(), self._node_worker]:
+            if worker is not None:
+                worker.stop()
         closer = threading.Thread(target=self._close_nvml, name="nvml-shutdown", daemon=True)
         closer.start()
-        closer.join(timeout=2.0)
+        closer.join(timeout=timeout)
+        if closer.is_alive():
+            log.warning("nvmlShutdown did not return within %.0f s; exiting without it", timeout)
 
     def _close_nvml(self) -> None:
+        was_open = self.nvml.initialised
         for collector in self.collectors:
             collector.close(self.nvml)
-        self.nvml.shutdown()
+        if self.nvml.shutdown():
+            log.info("NVML shut down")
+        elif was_open:
+            log.warning("nvmlShutdown failed; the driver releases this process at exit")
 
     # -- the cycle ---------------------------------------------------------------------------
     def run_forever(self) -> None:
@@ -191,23 +212,26 @@ class Exporter:
     def run_cycle(self) -> None:
         """Read every GPU (each on its worker, with a deadline), then render the exposition."""
         started = time.perf_counter()
-        if not self.nvml.initialised and not self._reinitialise():
+        reads = None
+        # NVML found down in the middle of a cycle is opened again at once and the cycle read
+        # again, so a library that only lost its initialisation costs no interval.
+        for attempt in range(2):
+            if not self.nvml.initialised and not self._reinitialise():
+                break
+            try:
+                reads = self._read_all()
+                break
+            except NvmlDownError as error:
+                if attempt == 0:
+                    log.warning("NVML stopped answering (%s); re-initialising", error)
+                self.nvml.initialised = False
+        if reads is None:
             self._gpu_up = {labels: False for labels in self._gpu_up}
             for collector in self.collectors:
                 collector.samples = []
             self._finish_cycle(started)
             return
-        try:
-            results = self._read_gpus()
-            node_samples = self._read_node()
-        except NvmlDownError as error:
-            log.warning("NVML stopped answering (%s); re-initialising next cycle", error)
-            self.nvml.initialised = False
-            self._gpu_up = {labels: False for labels in self._gpu_up}
-            for collector in self.collectors:
-                collector.samples = []
-            self._finish_cycle(started)
-            return
+        results, node_samples = reads
         for collector in self.collectors:
             samples: list[Sample] = []
             duration = 0.0
@@ -216,13 +240,30 @@ class Exporter:
                 samples.extend(result.samples.get(collector.name, ()))
                 duration += result.durations.get(collector.name, 0.0)
                 healthy = healthy and collector.name not in result.faults
-            node_part, node_duration, node_ok = node_samples.get(collector.name, ([], 0.0, True))
+            node_part: list[Sample]
+            if node_samples is None:  # the node worker is wedged: its collectors failed
+                node_part, node_duration, node_ok = [], 0.0, not _reads_node(collector)
+            else:
+                node_part, node_duration, node_ok = node_samples.get(
+                    collector.name, ([], 0.0, True)
+                )
             samples.extend(node_part)
             collector.samples = samples
             self._durations[collector.name] = duration + node_duration
             self._success[collector.name] = healthy and node_ok
         self._gpu_up = {gpu.labels: results[gpu.index].up for gpu in self.gpus}
+        for index in self.nvml.missing:  # NVML counts it but cannot open it: known, not up
+            self._gpu_up[(self.node, str(index), "", "", "")] = False
         self._finish_cycle(started)
+
+    def _read_all(
+        self,
+    ) -> tuple[dict[int, GpuResult], dict[str, tuple[list[Sample], float, bool]] | None]:
+        """This cycle's reads: each GPU, then the node; NvmlDownError when NVML is gone."""
+        if self.nvml.missing and self.nvml.missing_came_back():
+            log.info("a GPU that could not be opened answers again: enumerating anew")
+            self._enumerate()
+        return self._read_gpus(), self._read_node()
 
     def _read_gpus(self) -> dict[int, GpuResult]:
         """Each GPU on its own worker, one after another, each with its own deadline.
@@ -242,6 +283,7 @@ class Exporter:
             future = worker.submit(functools.partial(self._read_one_gpu, gpu))
             done, _ = wait_futures([future], timeout=self.nvml_timeout)
             if done:
+                self._forget_logged(f"hang:{gpu.index}:")
                 results[gpu.index] = future.result()  # raises only NvmlDownError
                 continue
             function = self.nvml.in_flight.get(worker.thread.ident or 0, "unknown")
@@ -269,16 +311,25 @@ class Exporter:
         self._logged_faults.discard(f"lost:{gpu.uuid}")
         return result
 
-    def _read_node(self) -> dict[str, tuple[list[Sample], float, bool]]:
+    def _read_node(self) -> dict[str, tuple[list[Sample], float, bool]] | None:
+        """Node-wide reads on their own worker with a deadline; None while it is wedged.
+
+        A timeout is counted once, under the NVML function the worker is inside (or
+        "unknown" when it is stuck outside NVML, e.g. in the kubelet call).
+        """
         if self._node_worker is None:
             self._node_worker = Worker("nvml-node")
-        if self._node_worker.busy:
-            return {}
-        future = self._node_worker.submit(self._read_node_collectors)
+        worker = self._node_worker
+        if worker.busy:
+            return None  # still wedged: fail fast, counted when it started
+        future = worker.submit(self._read_node_collectors)
         done, _ = wait_futures([future], timeout=self.nvml_timeout)
         if not done:
-            self.nvml.count_error("nvmlEventSetWait_v2", ErrorKind.TIMEOUT)
-            return {}
+            function = self.nvml.in_flight.get(worker.thread.ident or 0, "unknown")
+            self.nvml.count_error(function, ErrorKind.TIMEOUT)
+            self._log_once(f"hang:node:{function}", f"node-wide read hung in {function}")
+            return None
+        self._forget_logged("hang:node:")
         node_results: dict[str, tuple[list[Sample], float, bool]] = future.result()
         return node_results
 
@@ -306,6 +357,11 @@ class Exporter:
         with self._lock:
             self._exposition, self._exposition_gzip = body, None
 
+    def _forget_logged(self, prefix: str) -> None:
+        """The fault is over: log it again if it comes back."""
+        if self._logged_faults:
+            self._logged_faults = {k for k in self._logged_faults if not k.startswith(prefix)}
+
     def _log_once(self, key: str, message: str) -> None:
         if key not in self._logged_faults:
             self._logged_faults.add(key)
@@ -327,6 +383,11 @@ class Exporter:
             return False
         stale_after = 3 * self.interval + self.nvml_timeout + 5
         return self.clock() - self.last_cycle_finished < stale_after
+
+
+def _reads_node(collector: Collector) -> bool:
+    """Whether the collector has node-wide reads of its own (not the base class's no-op)."""
+    return type(collector).read_node is not Collector.read_node
 
 
 class _ExporterHealth:

@@ -100,13 +100,18 @@ class GpmSampler:
     METRICS = (NVML_GPM_SM_UTIL, NVML_GPM_GRAPHICS_UTIL)
 
     def __init__(self) -> None:
-        self._previous: dict[tuple[str, int | None], Any] = {}
+        self._previous: dict[tuple[str, int | None, str], Any] = {}
 
     def activity(
-        self, nvml: Nvml, gpu: Gpu, gpu_instance: int | None
+        self, nvml: Nvml, gpu: Gpu, gpu_instance: int | None, identity: str = ""
     ) -> tuple[float | None, float | None]:
-        """(SM activity, graphics activity) as 0-1 ratios, or None where there is none."""
-        key = (gpu.uuid, gpu_instance)
+        """(SM activity, graphics activity) as 0-1 ratios, or None where there is none.
+
+        `identity` tells instances apart that reuse a GPU instance id after a MIG re-layout
+        (a MIG UUID): a new instance starts without a value, never with a difference
+        against the sample of the instance it replaced.
+        """
+        key = (gpu.uuid, gpu_instance, identity)
         sample = nvml.gpm_sample(gpu, gpu_instance)
         if sample is None:
             return None, None
@@ -123,10 +128,16 @@ class GpmSampler:
             None if graphics is None else percent_to_ratio(graphics),
         )
 
-    def forget_except(self, nvml: Nvml, gpu: Gpu, keep: set[int | None]) -> None:
+    def forget_except(self, nvml: Nvml, gpu: Gpu, keep: set[tuple[int | None, str]]) -> None:
         """Free samples of this GPU's instances that no longer exist."""
-        for key in [k for k in self._previous if k[0] == gpu.uuid and k[1] not in keep]:
+        for key in [k for k in self._previous if k[0] == gpu.uuid and k[1:] not in keep]:
             nvml.gpm_free(self._previous.pop(key))
+
+    def clear(self, nvml: Nvml) -> None:
+        """Free every sample (before NVML shuts down or is initialised anew)."""
+        for sample in self._previous.values():
+            nvml.gpm_free(sample)
+        self._previous.clear()
 
 
 #: Device readings that are one NVML call, one unit conversion and one sample each:
@@ -170,6 +181,9 @@ class DeviceCollector(Collector):
 
     def on_enumerate(self, nvml: Nvml, gpus: Sequence[Gpu], system: SystemInfo) -> None:
         self.system = system
+
+    def close(self, nvml: Nvml) -> None:
+        self.gpm.clear(nvml)
 
     def read_gpu(self, nvml: Nvml, gpu: Gpu) -> list[Sample]:
         labels = gpu.labels
@@ -319,16 +333,22 @@ class MigCollector(Collector):
         super().__init__()
         self.gpm = GpmSampler()
 
+    def close(self, nvml: Nvml) -> None:
+        self.gpm.clear(nvml)
+
     def read_gpu(self, nvml: Nvml, gpu: Gpu) -> list[Sample]:
         if not gpu.mig_profiles or not nvml.mig_enabled(gpu):
             self.gpm.forget_except(nvml, gpu, set())
             return []
         instances = nvml.mig_instances(gpu)
         out: list[Sample] = []
-        activity_by_gi: dict[int, tuple[float | None, float | None]] = {}
+        activity_by_gi: dict[int, tuple[str, tuple[float | None, float | None]]] = {}
         for instance in instances:
             out.extend(self._instance_samples(nvml, gpu, instance, activity_by_gi))
-        self.gpm.forget_except(nvml, gpu, set(activity_by_gi))
+        keep: set[tuple[int | None, str]] = {
+            (gi, identity) for gi, (identity, _) in activity_by_gi.items()
+        }
+        self.gpm.forget_except(nvml, gpu, keep)
         out.extend(self._capacity_samples(nvml, gpu, instances))
         return out
 
@@ -337,7 +357,7 @@ class MigCollector(Collector):
         nvml: Nvml,
         gpu: Gpu,
         instance: MigInstance,
-        activity_by_gi: dict[int, tuple[float | None, float | None]],
+        activity_by_gi: dict[int, tuple[str, tuple[float | None, float | None]]],
     ) -> list[Sample]:
         labels = instance.labels
         out: list[Sample] = [(m.GPU_MIG_INFO, labels, 1.0)]
@@ -348,10 +368,12 @@ class MigCollector(Collector):
             out.append((m.GPU_MIG_MEMORY_TOTAL, labels, float(instance.memory_total_bytes)))
         if gpu.gpm_supported:
             # GPM samples a whole GPU instance; compute instances inside it share its figure.
+            # The GPU instance is known by the MIG UUID of its first compute instance.
             gi = instance.gpu_instance
             if gi not in activity_by_gi:
-                activity_by_gi[gi] = self.gpm.activity(nvml, gpu, gi)
-            sm_activity, graphics_activity = activity_by_gi[gi]
+                identity = instance.uuid
+                activity_by_gi[gi] = identity, self.gpm.activity(nvml, gpu, gi, identity)
+            sm_activity, graphics_activity = activity_by_gi[gi][1]
             if sm_activity is not None:
                 out.append((m.GPU_MIG_SM_ACTIVITY, labels, sm_activity))
             if graphics_activity is not None:

@@ -31,7 +31,8 @@ from exporter.nvml import Nvml, NvmlStartupError
 from exporter.podresources import DEFAULT_RESOURCES, DEFAULT_SOCKET, PodResourcesClient
 from exporter.pods import PodInformer, api_client_for_url, api_client_from_environment
 from exporter.procfs import ProcfsReader
-from exporter.server import MetricsServer
+from exporter.server import DEFAULT_MAX_REQUESTS, MetricsServer
+from exporter.webconfig import WebConfigError, WebConfigWatcher
 
 log = logging.getLogger("gpu-exporter")
 
@@ -55,6 +56,13 @@ def parse_listen_address(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT or :PORT (e.g. :9400)")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def parse_max_requests(text: str) -> int:
+    """A non-negative request cap (argparse type)."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
 
 
 def parse_collectors(text: str) -> tuple[str, ...]:
@@ -82,6 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("GPU_EXPORTER_LISTEN_ADDRESS", ":9400"),
         help="address to serve /metrics and /healthz on (env GPU_EXPORTER_LISTEN_ADDRESS; "
         "default :9400)",
+    )
+    parser.add_argument(
+        "--web.config.file",
+        dest="web_config",
+        metavar="FILE",
+        default=env("GPU_EXPORTER_WEB_CONFIG_FILE") or None,
+        help="web configuration in the Prometheus exporter-toolkit format: TLS (1.2 or newer), "
+        "mutual TLS, basic auth with bcrypt hashes; re-read when it changes "
+        "(env GPU_EXPORTER_WEB_CONFIG_FILE; default: plain HTTP, no auth)",
+    )
+    parser.add_argument(
+        "--web.max-requests",
+        dest="max_requests",
+        type=parse_max_requests,
+        default=env("GPU_EXPORTER_WEB_MAX_REQUESTS", str(DEFAULT_MAX_REQUESTS)),
+        help="most requests served at once; more are answered 503 at once, 0 for no limit "
+        f"(env GPU_EXPORTER_WEB_MAX_REQUESTS; default {DEFAULT_MAX_REQUESTS})",
     )
     parser.add_argument(
         "--collection-interval",
@@ -280,6 +305,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    web = None
+    if args.web_config:
+        try:
+            web = WebConfigWatcher(args.web_config)
+        except WebConfigError as error:
+            print(f"gpu-exporter: error: web config {error}", file=sys.stderr)
+            return 1
     clock: Callable[[], float] = time.time
     services = None
     if args.simulate:
@@ -319,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         informer.wait_synced(timeout=5.0)
     exporter.run_cycle()
     try:
-        server = MetricsServer(args.listen, exporter)
+        server = MetricsServer(args.listen, exporter, web=web, max_requests=args.max_requests)
     except OSError as error:
         host, port = args.listen
         print(f"gpu-exporter: error: cannot listen on {host}:{port}: {error}", file=sys.stderr)
@@ -327,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_services()
         return 1
     server.serve_in_background()
-    log.info("serving /metrics on %s:%d for node %s", *args.listen, node)
+    log.info("serving /metrics on %s://%s:%d for node %s", server.scheme, *args.listen, node)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: shutting down", signum)

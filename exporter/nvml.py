@@ -185,6 +185,8 @@ class Gpu:
     unsupported: set[tuple[str, tuple[Any, ...]]] = field(default_factory=set)  # _support_key
     #: MIG identities by MIG UUID, so a stable layout costs one call per instance per cycle.
     mig_cache: dict[str, MigInstance] = field(default_factory=dict)
+    #: The MIG mode last read; when it changes, what "not supported" meant changes too.
+    mig_mode: bool | None = None
 
     @property
     def address(self) -> int:
@@ -206,8 +208,12 @@ class Nvml:
         self._errors: Counter[tuple[str, str]] = Counter()
         self._errors_lock = threading.Lock()
         self._variant: dict[str, str] = {}
-        #: The NVML function each thread is inside, to name the call when one hangs.
+        #: The NVML function each thread is inside right now (removed when the call returns),
+        #: to name the call when one hangs.
         self.in_flight: dict[int, str] = {}
+        #: GPU indices NVML counts but could not hand out a handle for at the last
+        #: enumeration (lost at start-up): probed again every cycle, see `missing_came_back`.
+        self.missing: tuple[int, ...] = ()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def init(self) -> None:
@@ -219,13 +225,39 @@ class Nvml:
             raise NvmlStartupError(f"cannot initialise NVML ({error}): {hint}") from error
         self.initialised = True
 
-    def shutdown(self) -> None:
-        """Close NVML so a driver upgrade or GPU reset is not blocked by this process."""
+    def shutdown(self) -> bool:
+        """Close NVML so a driver upgrade or GPU reset is not blocked by this process.
+
+        True when nvmlShutdown succeeded (it is reference counted: one per successful init).
+        """
         if not self.initialised:
-            return
+            return False
+        self.initialised = False
+        try:
+            self._call("nvmlShutdown", pynvml.nvmlShutdown)
+        except pynvml.NVMLError:
+            return False
+        return True
+
+    def reset(self) -> None:
+        """Drop our reference after NVML stopped answering, before initialising again.
+
+        A library that lost its initialisation (driver unloaded) answers UNINITIALIZED, which
+        is ignored; one that only failed a call still holds our reference, which nvmlInit
+        would otherwise count twice, and then nvmlShutdown at exit would not close it.
+        """
         self.initialised = False
         with contextlib.suppress(pynvml.NVMLError):
-            pynvml.nvmlShutdown()
+            self._call("nvmlShutdown", pynvml.nvmlShutdown)
+
+    def _call(self, function: str, call: Any, *args: Any) -> Any:
+        """Run one NVML call with `in_flight` naming it while it runs."""
+        ident = threading.get_ident()
+        self.in_flight[ident] = function
+        try:
+            return call(*args)
+        finally:
+            self.in_flight.pop(ident, None)
 
     def system_info(self) -> SystemInfo:
         driver = self._system_call("nvmlSystemGetDriverVersion")
@@ -246,7 +278,7 @@ class Nvml:
 
     def _system_call(self, function: str, *args: Any) -> Any:
         try:
-            return getattr(pynvml, function)(*args)
+            return self._call(function, getattr(pynvml, function), *args)
         except pynvml.NVMLError as error:
             kind = classify(error)
             self.count_error(function, kind)
@@ -274,7 +306,8 @@ class Nvml:
         key = _support_key(function, args)
         if key in gpu.unsupported:
             return None
-        self.in_flight[threading.get_ident()] = function
+        ident = threading.get_ident()
+        self.in_flight[ident] = function
         try:
             return getattr(pynvml, function)(gpu.handle if handle is None else handle, *args)
         except pynvml.NVMLError as error:
@@ -289,6 +322,8 @@ class Nvml:
             elif kind is ErrorKind.DRIVER:
                 raise NvmlDownError(str(error)) from error
             return None
+        finally:
+            self.in_flight.pop(ident, None)
 
     def read_first(
         self,
@@ -325,18 +360,34 @@ class Nvml:
         """Every GPU NVML sees, with its never-changing identity read once."""
         count = self._system_call("nvmlDeviceGetCount") or 0
         gpus = []
+        missing = []
         for index in range(count):
             handle = self._system_call("nvmlDeviceGetHandleByIndex", index)
             if handle is None:
+                missing.append(index)  # lost at start-up: NVML counts it, cannot open it
                 continue
             gpus.append(self._describe_gpu(index, handle))
+        self.missing = tuple(missing)
         return gpus
+
+    def missing_came_back(self) -> bool:
+        """True when a GPU that could not be opened at enumeration answers now (one cheap
+        handle call per missing GPU; failures are not counted again)."""
+        for index in self.missing:
+            try:
+                self._call("nvmlDeviceGetHandleByIndex", pynvml.nvmlDeviceGetHandleByIndex, index)
+            except pynvml.NVMLError as error:
+                if classify(error) is ErrorKind.DRIVER:
+                    raise NvmlDownError(str(error)) from error
+                continue
+            return True
+        return False
 
     def _describe_gpu(self, index: int, handle: Any) -> Gpu:
         def probe(function: str, *args: Any) -> Any:
             """Ask once, silently: boards differ, and absence here is not an error."""
             try:
-                return getattr(pynvml, function)(handle, *args)
+                return self._call(function, getattr(pynvml, function), handle, *args)
             except pynvml.NVMLError:
                 return None
 
@@ -380,7 +431,13 @@ class Nvml:
 
     def _profile_info(self, gpu: Gpu, profile_index: int) -> Any:
         try:
-            return pynvml.nvmlDeviceGetGpuInstanceProfileInfo(gpu.handle, profile_index, 2)
+            return self._call(
+                "nvmlDeviceGetGpuInstanceProfileInfoV",
+                pynvml.nvmlDeviceGetGpuInstanceProfileInfo,
+                gpu.handle,
+                profile_index,
+                2,
+            )
         except pynvml.NVMLError as error:
             kind = classify(error)
             if error.value == pynvml.NVML_ERROR_INVALID_ARGUMENT or kind in _STABLE_KINDS:
@@ -389,8 +446,18 @@ class Nvml:
             return None
 
     def mig_enabled(self, gpu: Gpu) -> bool | None:
+        """The GPU's current MIG mode (None: not MIG-capable or unreadable).
+
+        Many calls answer NOT_SUPPORTED in one mode and work in the other (utilization, GPU
+        instance capacity, ...), so a mode change forgets what was found unsupported.
+        """
         mode = self.read(gpu, "nvmlDeviceGetMigMode")
-        return None if mode is None else mode[0] == pynvml.NVML_DEVICE_MIG_ENABLE
+        enabled = None if mode is None else mode[0] == pynvml.NVML_DEVICE_MIG_ENABLE
+        if enabled is not None and enabled != gpu.mig_mode:
+            if gpu.mig_mode is not None:
+                gpu.unsupported.clear()
+            gpu.mig_mode = enabled
+        return enabled
 
     def mig_instances(self, gpu: Gpu) -> list[MigInstance]:
         """The MIG devices on the GPU now; re-read every cycle so layout changes show at once."""
@@ -462,7 +529,7 @@ class Nvml:
         The caller owns the sample and frees it with `gpm_free`.
         """
         try:
-            sample = pynvml.nvmlGpmSampleAlloc()
+            sample = self._call("nvmlGpmSampleAlloc", pynvml.nvmlGpmSampleAlloc)
         except pynvml.NVMLError as error:
             self.count_error("nvmlGpmSampleAlloc", classify(error))
             return None
@@ -485,7 +552,7 @@ class Nvml:
         for slot, metric_id in enumerate(metric_ids):
             request.metrics[slot].metricId = metric_id
         try:
-            pynvml.nvmlGpmMetricsGet(request)
+            self._call("nvmlGpmMetricsGet", pynvml.nvmlGpmMetricsGet, request)
         except pynvml.NVMLError as error:
             self.count_error("nvmlGpmMetricsGet", classify(error))
             return [None] * len(metric_ids)
@@ -494,13 +561,13 @@ class Nvml:
 
     def gpm_free(self, sample: Any) -> None:
         with contextlib.suppress(pynvml.NVMLError):
-            pynvml.nvmlGpmSampleFree(sample)
+            self._call("nvmlGpmSampleFree", pynvml.nvmlGpmSampleFree, sample)
 
     # -- events ------------------------------------------------------------------------------
     def open_xid_events(self, gpus: list[Gpu]) -> Any:
         """An event set that receives XID events of every GPU that supports them, or None."""
         try:
-            event_set = pynvml.nvmlEventSetCreate()
+            event_set = self._call("nvmlEventSetCreate", pynvml.nvmlEventSetCreate)
         except pynvml.NVMLError as error:
             self.count_error("nvmlEventSetCreate", classify(error))
             return None
@@ -509,8 +576,12 @@ class Nvml:
             if supported is None or not supported & pynvml.nvmlEventTypeXidCriticalError:
                 continue
             try:
-                pynvml.nvmlDeviceRegisterEvents(
-                    gpu.handle, pynvml.nvmlEventTypeXidCriticalError, event_set
+                self._call(
+                    "nvmlDeviceRegisterEvents",
+                    pynvml.nvmlDeviceRegisterEvents,
+                    gpu.handle,
+                    pynvml.nvmlEventTypeXidCriticalError,
+                    event_set,
                 )
             except pynvml.NVMLError as error:
                 self.count_error("nvmlDeviceRegisterEvents", classify(error))
@@ -520,7 +591,7 @@ class Nvml:
         """Drain waiting XID events without blocking: (device handle address, XID code)."""
         for _ in range(limit):
             try:
-                data = pynvml.nvmlEventSetWait_v2(event_set, 0)
+                data = self._call("nvmlEventSetWait_v2", pynvml.nvmlEventSetWait_v2, event_set, 0)
             except pynvml.NVMLError as error:
                 kind = classify(error)
                 if kind is not ErrorKind.TIMEOUT:
@@ -533,7 +604,7 @@ class Nvml:
 
     def close_events(self, event_set: Any) -> None:
         with contextlib.suppress(pynvml.NVMLError):
-            pynvml.nvmlEventSetFree(event_set)
+            self._call("nvmlEventSetFree", pynvml.nvmlEventSetFree, event_set)
 
 
 def _support_key(function: str, args: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:

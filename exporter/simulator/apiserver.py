@@ -65,14 +65,19 @@ class FakeApiServer:
     """Serves ``GET /api/v1/pods`` (list and watch) over the pods returned by ``pods()``."""
 
     def __init__(
-        self, pods: Callable[[], Sequence[Mapping[str, Any]]], *, poll_interval: float = 0.2
+        self,
+        pods: Callable[[], Sequence[Mapping[str, Any]]],
+        *,
+        poll_interval: float = 0.2,
+        history_limit: int = HISTORY_LIMIT,
     ) -> None:
+        """`history_limit`: watch events kept for resuming watches (older ones: 410 Gone)."""
         self._pods_fn = pods
         self._poll_interval = poll_interval
         self._cond = threading.Condition()
         self._rv = 1
         self._objects: dict[str, dict[str, Any]] = {}
-        self._history: deque[_Event] = deque(maxlen=HISTORY_LIMIT)
+        self._history: deque[_Event] = deque(maxlen=history_limit)
         self._compacted = 0  # watches from a resourceVersion below this get 410 Gone
         self._drop_generation = 0
         self._running = False

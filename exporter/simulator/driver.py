@@ -39,8 +39,10 @@ from .fleet import (
     SimGpu,
     SimMigInstance,
     SimNode,
+    _hash64,
+    _uuid,
 )
-from .models import MIG_COMPUTE_SLICES, remaining_capacity
+from .models import MIG_COMPUTE_SLICES, place, remaining_capacity
 from .pods import ProcessState, processes_at
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ INSUFFICIENT_SIZE = 7
 DRIVER_NOT_LOADED = 9
 TIMEOUT = 10
 GPU_IS_LOST = 15
+LIB_RM_VERSION_MISMATCH = 18
 ARGUMENT_VERSION_MISMATCH = 25
 UNKNOWN = 999
 
@@ -205,7 +208,7 @@ class SimulatedDriver:
         self._mig_cache: dict[tuple[int, int], tuple[float, MigState]] = {}
         self._event_sets: dict[int, _EventSet] = {}
         self._xid_delivered: set[int] = set()
-        self._gpm_samples: dict[int, tuple[int, int | None, float] | None] = {}
+        self._gpm_samples: dict[int, tuple[int, int | None, float, int] | None] = {}
         self._process_cache: tuple[float, list[ProcessState]] | None = None
         self._next_handle = 0
         self._err_bufs: dict[int, ctypes.Array[c_char]] = {}
@@ -214,21 +217,90 @@ class SimulatedDriver:
         self._devs: dict[int, tuple[SimGpu, SimMigInstance | None]] = {}
         self._gis: dict[int, tuple[SimGpu, SimMigInstance]] = {}
         self._cis: dict[int, tuple[SimGpu, SimMigInstance]] = {}
-        for g in self.node.gpus:
-            self._devs[self.gpu_handle(g.index)] = (g, None)
-            for m in g.mig or ():
-                self._devs[self.mig_handle(g.index, m.gpu_instance_id)] = (g, m)
-                self._gis[_GI_BASE + g.index * 256 + m.gpu_instance_id] = (g, m)
-                self._cis[_CI_BASE + g.index * 256 + m.gpu_instance_id] = (g, m)
+        self._build_handle_tables()
+        self._mig_generation: dict[int, int] = {}
         # Faults by GPU, and node-level ones.
         self._gpu_faults: dict[int, list[Fault]] = {}
-        self._node_faults = [f for f in self.node.faults if f.kind == "driver_not_loaded"]
+        self._node_faults = [
+            f for f in self.node.faults if f.kind in ("driver_not_loaded", "version_mismatch")
+        ]
+        #: One-shot losses of initialisation, with whether each has happened yet.
+        self._init_drops: list[list[Any]] = [
+            [f, False] for f in self.node.faults if f.kind == "uninitialized"
+        ]
         self._xids = [(i, f) for i, f in enumerate(self.node.faults) if f.kind == "xid"]
         for f in self.node.faults:
             if f.gpu is not None and f.kind != "xid":
                 self._gpu_faults.setdefault(f.gpu, []).append(f)
         self.lib = self._build_lib()
         log.debug("simulated NVML for node %s ready", name)
+
+    def _build_handle_tables(self) -> None:
+        devs: dict[int, tuple[SimGpu, SimMigInstance | None]] = {}
+        gis: dict[int, tuple[SimGpu, SimMigInstance]] = {}
+        cis: dict[int, tuple[SimGpu, SimMigInstance]] = {}
+        for g in self.node.gpus:
+            devs[self.gpu_handle(g.index)] = (g, None)
+            for m in g.mig or ():
+                devs[self.mig_handle(g.index, m.gpu_instance_id)] = (g, m)
+                gis[_GI_BASE + g.index * 256 + m.gpu_instance_id] = (g, m)
+                cis[_CI_BASE + g.index * 256 + m.gpu_instance_id] = (g, m)
+        # Whole tables are swapped, so a call on another thread sees the old or the new one.
+        self._devs, self._gis, self._cis = devs, gis, cis
+
+    # -- runtime reconfiguration ---------------------------------------------------------------
+
+    def set_mig_layout(self, index: int, profiles: list[str] | None) -> SimGpu:
+        """Re-lay out GPU `index` now, as an operator's `nvidia-smi mig -dci -dgi` and
+        `-cgi ... -C` (or the MIG manager) would: `profiles` like ["3g.40gb", "1g.10gb"],
+        [] for MIG enabled with no instances, None for MIG disabled.
+
+        Every instance created gets a new MIG UUID, as on a real GPU, even where it takes a
+        GPU instance id that an instance destroyed here had. Handles of destroyed instances
+        stop resolving (INVALID_ARGUMENT). Returns the GPU as it is now; the fleet's ground
+        truth (`fleet.gpu`, `mig_state`, ...) follows. GPUs that the node's pods claim
+        cannot be re-laid out here (their claims would dangle).
+        """
+        with self._lock:
+            g = self.node.gpus[index]
+            if not g.model.mig_capable:
+                raise ValueError(f"GPU {index} ({g.model.key}) does not support MIG")
+            for pod in self.node.pods:
+                for container in pod.containers:
+                    if any(claim.gpu == index for claim in container.devices):
+                        raise ValueError(f"pod {pod.name} claims GPU {index}; cannot re-lay it out")
+            mig: tuple[SimMigInstance, ...] | None = None
+            if profiles is not None:
+                placements = place(g.model, list(profiles))
+                if placements is None:
+                    raise ValueError(f"layout {profiles} does not fit on one {g.model.key}")
+                generation = self._mig_generation.get(index, 0) + 1
+                self._mig_generation[index] = generation
+                seed, node = self.fleet.seed, self.node.name
+                mig = tuple(
+                    SimMigInstance(
+                        placement=pl,
+                        workload=g.workload,
+                        uuid="MIG-"
+                        + _uuid(seed, node, index, "gi", pl.gpu_instance_id, generation),
+                        key=_hash64(seed, node, index, "gi", pl.gpu_instance_id, generation),
+                    )
+                    for pl in placements
+                )
+            new_gpu = dataclasses.replace(g, mig=mig)
+            gpus = tuple(new_gpu if other.index == index else other for other in self.node.gpus)
+            self.node = dataclasses.replace(self.node, gpus=gpus)
+            self.fleet.nodes[self.node.name] = self.node
+            # Forget the signals and answers computed for the old layout (energy integrals
+            # are kept, so the energy counter stays monotonic across the change).
+            for signal in [k for k in self.fleet._signals if k[:2] == (self.node.name, index)]:
+                del self.fleet._signals[signal]
+            self._gpu_cache.pop(index, None)
+            for cached in [k for k in self._mig_cache if k[0] == index]:
+                del self._mig_cache[cached]
+            self._process_cache = None
+            self._build_handle_tables()
+        return new_gpu
 
     # -- public ground truth -------------------------------------------------------------------
 
@@ -334,14 +406,21 @@ class SimulatedDriver:
     def _initialised(self, t: float) -> int:
         """SUCCESS, or why a call cannot run: not initialised, or the driver went away.
 
-        While a driver_not_loaded fault is active the library loses its initialisation (the
-        kernel module is gone), so calls answer UNINITIALIZED until nvmlInit succeeds again.
+        While a driver_not_loaded or version_mismatch fault is active the library loses its
+        initialisation (the kernel module is gone or changed), so calls answer UNINITIALIZED
+        until nvmlInit succeeds again; an uninitialized fault drops it once, at its time.
         """
         if self._node_faults:
             rel = t - self.fault_origin
             if any(f.active(rel) for f in self._node_faults):
                 self._refcount = 0
                 return UNINITIALIZED
+        if self._init_drops:
+            rel = t - self.fault_origin
+            for drop in self._init_drops:
+                if not drop[1] and rel >= drop[0].at:
+                    drop[1] = True
+                    self._refcount = 0
         return SUCCESS if self._refcount > 0 else UNINITIALIZED
 
     def _device(
@@ -374,6 +453,17 @@ class SimulatedDriver:
                     self._hang(f)
         return SUCCESS
 
+    def _call_faults(self, fn: str, gpu: int, t: float) -> int:
+        """Only the error and hang faults of one function (not a lost GPU's failures)."""
+        rel = t - self.fault_origin
+        for f in self._gpu_faults.get(gpu, ()):
+            if f.function == fn and f.active(rel):
+                if f.kind == "error" and f.error is not None:
+                    return f.error
+                if f.kind == "hang":
+                    self._hang(f)
+        return SUCCESS
+
     def _hang(self, f: Fault) -> None:
         """Block like a wedged ioctl: until the window ends, release_hangs(), or the cap."""
         deadline = time.monotonic() + HANG_CAP_S
@@ -397,8 +487,13 @@ class SimulatedDriver:
     def _init(self) -> int:
         if self._node_faults:
             rel = self._now() - self.fault_origin
-            if any(f.active(rel) for f in self._node_faults):
-                return DRIVER_NOT_LOADED
+            for f in self._node_faults:
+                if f.active(rel) and f.kind == "driver_not_loaded":
+                    return DRIVER_NOT_LOADED
+                if f.active(rel):  # version_mismatch: the module was upgraded under us
+                    return LIB_RM_VERSION_MISMATCH
+        if self._init_drops:
+            self._initialised(self._now())  # a drop due now happens before this init counts
         with self._lock:
             self._refcount += 1  # nvmlInit and nvmlShutdown are reference counted
         return SUCCESS
@@ -1370,6 +1465,13 @@ class SimulatedDriver:
         s = self._event_sets.get(es) if es else None
         if s is None or not p:
             return INVALID_ARGUMENT
+        if self._gpu_faults:
+            # error and hang faults on nvmlEventSetWait_v2 apply to sets their GPU is in
+            t = self._now()
+            for gpu in list(s.devices):
+                rc = self._call_faults("nvmlEventSetWait_v2", gpu, t)
+                if rc:
+                    return rc
         deadline = time.monotonic() + timeout_ms / 1000.0
         while True:
             ev = self._next_event(s, self._now())
@@ -1446,10 +1548,17 @@ class SimulatedDriver:
             return INVALID_ARGUMENT
         if m is not None:
             gi = m.gpu_instance_id  # a MIG device handle samples its own instance
-        if gi is not None and g.instance(gi) is None:
+        instance = g.instance(gi) if gi is not None else None
+        if gi is not None and instance is None:
             return INVALID_ARGUMENT
         with self._lock:
-            self._gpm_samples[sample] = (g.index, gi, t)
+            # The instance's key tells a re-created GPU instance from the one it replaced.
+            self._gpm_samples[sample] = (
+                g.index,
+                gi,
+                t,
+                g.key if instance is None else instance.key,
+            )
         return SUCCESS
 
     @_nvml(c_void_p, c_void_p)
@@ -1486,8 +1595,12 @@ class SimulatedDriver:
         a = self._gpm_samples.get(s1) if s1 else None
         b = self._gpm_samples.get(s2) if s2 else None
         # Both samples must be filled, from the same device or instance, sample1 first.
-        if a is None or b is None or a[:2] != b[:2] or b[2] < a[2]:
+        if a is None or b is None or a[:2] != b[:2] or a[3] != b[3] or b[2] < a[2]:
             return INVALID_ARGUMENT
+        if a[1] is not None:
+            instance = self.node.gpus[a[0]].instance(a[1])
+            if instance is None or instance.key != a[3]:
+                return NOT_FOUND  # the GPU instance was destroyed since the samples were taken
         rc = self._faults("nvmlGpmMetricsGet", a[0], t)
         if rc:
             return rc

@@ -282,7 +282,25 @@ class SimGpu:
         return None
 
 
-FAULT_KINDS = ("lost", "error", "hang", "xid", "overheat", "driver_not_loaded")
+FAULT_KINDS = (
+    "lost",
+    "error",
+    "hang",
+    "xid",
+    "overheat",
+    "driver_not_loaded",
+    "version_mismatch",
+    "uninitialized",
+)
+#: Faults of the whole library rather than of one GPU (no `gpu` key):
+#: - driver_not_loaded: the kernel module is gone; nvmlInit answers DRIVER_NOT_LOADED and
+#:   every other call UNINITIALIZED until `until`;
+#: - version_mismatch: the kernel module was upgraded under the process; nvmlInit answers
+#:   LIB_RM_VERSION_MISMATCH and every other call UNINITIALIZED until `until`;
+#: - uninitialized: at `at` the library drops its initialisation once (as when another user
+#:   in the process calls nvmlShutdown once too often): calls answer UNINITIALIZED until
+#:   nvmlInit is called again, which succeeds at once.
+NODE_FAULT_KINDS = ("driver_not_loaded", "version_mismatch", "uninitialized")
 
 
 @dataclass(frozen=True)
@@ -291,8 +309,8 @@ class Fault:
 
     kind: str
     at: float
-    until: float | None = None  # None: never ends (xid: delivered once at `at`)
-    gpu: int | None = None  # None only for node-level faults (driver_not_loaded)
+    until: float | None = None  # None: never ends (xid, uninitialized: once, at `at`)
+    gpu: int | None = None  # None only for node-level faults (NODE_FAULT_KINDS)
     function: str | None = None  # error, hang
     error: int | None = None  # error: the NVML_ERROR_* code
     xid: int | None = None
@@ -950,6 +968,8 @@ _FAULT_KEYS = {
     "xid": ("kind", "gpu", "xid", "at"),
     "overheat": ("kind", "gpu", "at", "until", "temperature"),
     "driver_not_loaded": ("kind", "at", "until"),
+    "version_mismatch": ("kind", "at", "until"),
+    "uninitialized": ("kind", "at"),
 }
 
 
@@ -973,7 +993,7 @@ def _fault(ctx: _Ctx, value: object, where: str, n_gpus: int) -> Fault:
         if until <= at:
             raise ctx.fail(f"{where}.until", f"{until:g} is not after at={at:g}; make it later")
     gpu = None
-    if kind != "driver_not_loaded":
+    if kind not in NODE_FAULT_KINDS:
         if "gpu" not in spec:
             raise ctx.fail(where, "missing key 'gpu' (the GPU index on this node)")
         gpu = ctx.integer(spec["gpu"], f"{where}.gpu", 0, n_gpus - 1)

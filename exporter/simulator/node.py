@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .apiserver import FakeApiServer
+from .apiserver import HISTORY_LIMIT, FakeApiServer
 from .driver import SimulatedDriver
 from .kubelet import ContainerDeviceSpec, FakeKubelet, PodDeviceSpec
 from .pods import allocatable, allocations_at, pod_object, pods_at
@@ -33,6 +33,7 @@ class SimulatedNodeServices:
         workdir: str | Path | None = None,
         *,
         poll_interval: float = 0.2,
+        apiserver_history: int = HISTORY_LIMIT,
     ) -> None:
         self.driver = driver
         self.fleet = driver.fleet
@@ -46,7 +47,9 @@ class SimulatedNodeServices:
         self.kubelet_socket = self.workdir / "pod-resources" / "kubelet.sock"
         self.kubelet_socket.parent.mkdir(parents=True, exist_ok=True)
         self.kubelet = FakeKubelet(self.kubelet_socket, self._pod_devices, self._allocatable)
-        self.apiserver = FakeApiServer(self._pod_objects, poll_interval=poll_interval)
+        self.apiserver = FakeApiServer(
+            self._pod_objects, poll_interval=poll_interval, history_limit=apiserver_history
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

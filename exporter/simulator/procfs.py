@@ -175,12 +175,17 @@ def _files(process: FakeProcess, layout: str, qos: str) -> dict[str, bytes]:
     }
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+# Plain string paths: on Python 3.11 pathlib interns every path component, so a new pid a
+# cycle would grow the interpreter's intern table for as long as the simulation runs.
+
+
+def _write_atomic(path: str, data: bytes) -> None:
     """Replace `path` so a concurrent reader sees the old or the new file, never a part."""
-    with contextlib.suppress(OSError):
-        if path.read_bytes() == data:
+    with contextlib.suppress(OSError), open(path, "rb") as current:
+        if current.read() == data:
             return  # unchanged: no rewrite, so steady state costs reads only
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    directory, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
@@ -191,17 +196,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _remove_dir(path: Path) -> None:
+def _remove_dir(path: str) -> None:
     """Remove a pid directory: renamed away first, so it vanishes at once for readers."""
-    doomed = Path(tempfile.mkdtemp(prefix=".gone-", dir=path.parent))
+    doomed = tempfile.mkdtemp(prefix=".gone-", dir=os.path.dirname(path))
     with contextlib.suppress(FileNotFoundError):
-        os.replace(path, doomed / "pid")
+        os.replace(path, os.path.join(doomed, "pid"))
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _start_ticks_on_disk(proc: Path) -> int | None:
+def _start_ticks_on_disk(proc: str) -> int | None:
     try:
-        stat = (proc / "stat").read_bytes()
+        with open(os.path.join(proc, "stat"), "rb") as stat_file:
+            stat = stat_file.read()
         return int(stat.rpartition(b")")[2].split()[19])
     except (OSError, ValueError, IndexError):
         return None
@@ -220,24 +226,25 @@ def write_procfs(
     process are replaced one by one, atomically. Safe to call every cycle while an exporter
     reads the tree.
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    root = os.fspath(root)
+    os.makedirs(root, exist_ok=True)
     wanted = {p.pid: p for p in processes}
     if len(wanted) != len(processes):
         raise ValueError("duplicate pids in processes")
     for entry in os.listdir(root):
         if entry.isdigit() and int(entry) not in wanted:
-            _remove_dir(root / entry)
+            _remove_dir(os.path.join(root, entry))
     for process in processes:
         files = _files(process, layout, qos)
-        proc = root / str(process.pid)
-        if proc.is_dir() and _start_ticks_on_disk(proc) == process.start_ticks:
+        proc = os.path.join(root, str(process.pid))
+        if os.path.isdir(proc) and _start_ticks_on_disk(proc) == process.start_ticks:
             for name, data in files.items():
-                _write_atomic(proc / name, data)
+                _write_atomic(os.path.join(proc, name), data)
             continue
-        staging = Path(tempfile.mkdtemp(prefix=f".new-{process.pid}-", dir=root))
+        staging = tempfile.mkdtemp(prefix=f".new-{process.pid}-", dir=root)
         for name, data in files.items():
-            (staging / name).write_bytes(data)
-        if proc.exists():
+            with open(os.path.join(staging, name), "wb") as out:
+                out.write(data)
+        if os.path.exists(proc):
             _remove_dir(proc)  # the pid was reused: the old process is gone
         os.replace(staging, proc)

@@ -22,6 +22,7 @@ from exporter.podresources import PodResourcesClient
 from exporter.pods import PodInformer, api_client_for_url
 from exporter.procfs import ProcfsReader
 from exporter.simulator import ManualClock, install, load_fleet, uninstall
+from exporter.simulator.apiserver import HISTORY_LIMIT
 from exporter.simulator.fleet import parse_fleet
 from exporter.simulator.node import SimulatedNodeServices
 from exporter.simulator.pods import pods_at
@@ -99,11 +100,14 @@ def running_attributed_node(
     start: float = T0,
     pod_labels: tuple[str, ...] = (),
     process_series_limit: int = 64,
+    apiserver_history: int = HISTORY_LIMIT,
 ) -> Iterator[Node]:
     """The exporter on a simulated node with its fake kubelet, API server and /proc."""
     clock = ManualClock(start)
     driver = install(load_fleet(path), node, clock=clock)
-    services = SimulatedNodeServices(driver, poll_interval=0.005)
+    services = SimulatedNodeServices(
+        driver, poll_interval=0.005, apiserver_history=apiserver_history
+    )
     services.start(refresh_seconds=3600)  # the test syncs /proc itself, per cycle
     informer = PodInformer(
         api_client_for_url(services.apiserver_url), node, watch_timeout_seconds=3600
