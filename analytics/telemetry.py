@@ -143,11 +143,12 @@ Readings = dict[str, list[tuple[tuple[str, ...], float]]]
 
 
 class RefreshedMetrics:
-    """Gauges computed from Prometheus by a background refresh every `refresh_seconds`.
+    """Gauges computed from Prometheus in the background, at most every `refresh_seconds`.
 
-    A scrape of /metrics never waits on Prometheus. Until the first refresh succeeds nothing
-    is published (never a made-up 0); if a refresh fails, the last values stay and the
-    `<success_name>` gauge says 0.
+    A scrape of /metrics never waits on Prometheus: a scrape that finds the readings older
+    than the interval starts one background refresh and serves the last readings. Nobody
+    scraping means no queries. Until the first refresh succeeds nothing is published (never
+    a made-up 0); if a refresh fails, the last values stay and `<success_name>` says 0.
     """
 
     def __init__(
@@ -166,7 +167,8 @@ class RefreshedMetrics:
         self._lock = threading.Lock()
         self._values: Readings = {}
         self._success: bool | None = None
-        self._thread: threading.Thread | None = None
+        self._refreshing = False
+        self._refreshed_at: float | None = None
 
     def refresh(self) -> None:
         """Compute the readings once (the background thread calls this)."""
@@ -202,19 +204,25 @@ class RefreshedMetrics:
             )
 
     def _ensure_refreshing(self) -> None:
-        """Start the refresh thread on the first scrape (apps built in tests never start it)."""
+        """Start one background refresh when the readings are stale and none is running."""
+        now = time.monotonic()
         with self._lock:
-            if self._thread is not None:
-                return
-            self._thread = threading.Thread(
-                target=self._run, name=f"{self._name}-metrics", daemon=True
+            fresh = self._refreshed_at is not None and (
+                now - self._refreshed_at < self._refresh_seconds
             )
-            self._thread.start()
+            if self._refreshing or fresh:
+                return
+            self._refreshing = True
+            self._refreshed_at = now
 
-    def _run(self) -> None:
-        while True:
-            self.refresh()
-            time.sleep(self._refresh_seconds)
+        def run() -> None:
+            try:
+                self.refresh()
+            finally:
+                with self._lock:
+                    self._refreshing = False
+
+        threading.Thread(target=run, name=f"{self._name}-metrics", daemon=True).start()
 
 
 NAMESPACE_COST = Family(
