@@ -21,10 +21,10 @@ from analytics.config import Config, PrometheusConfig
 from exporter.simulator.fleet import Fleet, parse_fleet
 from exporter.simulator.history import backfill
 from tests.ground_truth import REPO, expected_cost_per_hour
-from tests.integration.test_cost_end_to_end import NODE, STEP, report
+from tests.integration.test_cost_end_to_end import NODE, STEP, inner_window, report
 from tests.unit.exporter_harness import FLEETS
 
-HOURS = 3
+HOURS = 6
 CLUSTERS = {"east": 11, "west": 12}  # cluster -> fleet seed (different GPUs, same node names)
 
 
@@ -78,7 +78,7 @@ def test_cost_by_cluster_matches_each_clusters_ground_truth(
     history: tuple[FlaskClient, float, float],
 ) -> None:
     client, start, end = history
-    window_start, window_end = start + 1800, end - 1800
+    window_start, window_end = inner_window(start, end)
     got = report(client, window_start, window_end, "cluster")
     assert set(got) == set(CLUSTERS)
     for cluster, seed in CLUSTERS.items():
@@ -88,7 +88,7 @@ def test_cost_by_cluster_matches_each_clusters_ground_truth(
 
 def test_cost_by_namespace_adds_the_clusters_up(history: tuple[FlaskClient, float, float]) -> None:
     client, start, end = history
-    window_start, window_end = start + 1800, end - 1800
+    window_start, window_end = inner_window(start, end)
     got = report(client, window_start, window_end, "namespace")
     want: dict[str, float] = defaultdict(float)
     for seed in CLUSTERS.values():
