@@ -436,8 +436,12 @@ def find_idle(
     prices: dict[str, float] = {}
     memory: dict[str, float] = {}
     if not spells.empty:
+        # The last price in the window: a device gone by its end (a node scaled down, a MIG
+        # layout changed) still has its idle time priced.
+        span = f"{window * 1000 - 1}ms"
         for sample in prometheus.query(
-            f"max by (uuid) ({pricing.DEVICE_PRICE}) or max by (mig_uuid) ({pricing.MIG_PRICE})",
+            f"max by (uuid) (last_over_time({pricing.DEVICE_PRICE}[{span}]))"
+            f" or max by (mig_uuid) (last_over_time({pricing.MIG_PRICE}[{span}]))",
             at=end,
         ):
             key = sample.labels.get("mig_uuid") or sample.labels.get("uuid", "")
