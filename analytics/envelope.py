@@ -141,6 +141,15 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def csv_attachment(name: str, text: str) -> Response:
+    """A CSV report as a download named `<name>.csv` (spreadsheets open it as a file)."""
+    return Response(
+        text,
+        mimetype="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
+    )
+
+
 def success(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     """The success envelope around ``data``."""
     body = {"status": "success", "data": jsonable(data), "timestamp": utc_timestamp(_now())}

@@ -208,21 +208,23 @@ def ours(client: Any, aggregate: str, end: float, days: int) -> dict[str, float]
     return {row["key"]: row["cost"] for row in rows if row["kind"] == "allocated"}
 
 
-def _range(url: str, query: str, start: float, end: float) -> list[dict[str, Any]]:
-    """query_range over (start, end] at STEP, split so each part stays under MAX_POINTS."""
+def range_query(
+    url: str, query: str, start: float, end: float, step: float = STEP
+) -> list[dict[str, Any]]:
+    """query_range over (start, end] at `step`, split so each part stays under MAX_POINTS."""
     out: list[dict[str, Any]] = []
-    span = (MAX_POINTS - 1) * STEP
-    t = start + STEP
+    span = (MAX_POINTS - 1) * step
+    t = start + step
     while t <= end:
         stop = min(end, t + span)
         response = requests.post(
             f"{url}/api/v1/query_range",
-            data={"query": query, "start": t, "end": stop, "step": STEP},
+            data={"query": query, "start": t, "end": stop, "step": step},
             timeout=600,
         )
         response.raise_for_status()
         out.extend(response.json()["data"]["result"])
-        t = stop + STEP
+        t = stop + step
     return out
 
 
@@ -242,10 +244,10 @@ def naive(url: str, pricing: Pricing, end: float, days: int) -> dict[str, dict[s
     start = end - days * 86400
     # Prometheus 2.x: a range query step sees the last sample within 5 minutes; the raw
     # samples sit on the same 5-minute grid, so each step is exactly one sample.
-    gpus = _frame(_range(url, "gpu_info", start, end), ["uuid", "model"])
-    migs = _frame(_range(url, "gpu_mig_info", start, end), ["uuid", "mig_uuid", "mig_profile"])
+    gpus = _frame(range_query(url, "gpu_info", start, end), ["uuid", "model"])
+    migs = _frame(range_query(url, "gpu_mig_info", start, end), ["uuid", "mig_uuid", "mig_profile"])
     allocs = _frame(
-        _range(url, "gpu_allocation_info", start, end),
+        range_query(url, "gpu_allocation_info", start, end),
         ["uuid", "mig_uuid", "namespace", "pod", "label_team"],
     )
     allocs = allocs.drop_duplicates(["t", "uuid", "mig_uuid", "namespace", "pod"])

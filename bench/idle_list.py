@@ -59,7 +59,7 @@ from analytics.config import Config
 from analytics.pricing import load_pricing, render_rules
 from analytics.prometheus import PrometheusClient
 from bench.common import BENCH_DIR
-from bench.cost_report import PRICING, fleet_spec, prometheus
+from bench.cost_report import PRICING, fleet_spec, prometheus, range_query
 from exporter.simulator import load_fleet
 from exporter.simulator.history import backfill, backfill_rules
 
@@ -214,24 +214,6 @@ def ours(client: TimedClient, config: Config, start: float, end: float) -> idle.
 # -- naive -----------------------------------------------------------------------------------
 
 
-def _range(url: str, query: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
-    """query_range over (start, end] at `step`, split so each part stays under 11,000 points."""
-    out: list[dict[str, Any]] = []
-    span = 10_999 * step
-    t = start + step
-    while t <= end:
-        stop = min(end, t + span)
-        response = requests.post(
-            f"{url}/api/v1/query_range",
-            data={"query": query, "start": t, "end": stop, "step": step},
-            timeout=600,
-        )
-        response.raise_for_status()
-        out.extend(response.json()["data"]["result"])
-        t = stop + step
-    return out
-
-
 def _frame(result: list[dict[str, Any]], labels: list[str]) -> pd.DataFrame:
     """A range-query result as one row per point: the labels, t and value."""
     frames = []
@@ -256,16 +238,18 @@ def naive(
     """Idle spells from the raw series at `step` (default: find_idle's for the window): one
     row per spell (device, namespace, pod, start, end, seconds)."""
     step = step or idle.query_step(int(end - start))
-    whole = _frame(_range(url, "gpu_utilization_ratio", start, end, SAMPLE_STEP), ["uuid"])
+    whole = _frame(range_query(url, "gpu_utilization_ratio", start, end, SAMPLE_STEP), ["uuid"])
     whole["device"] = whole["uuid"]
-    mig = _frame(_range(url, "gpu_mig_sm_activity_ratio", start, end, SAMPLE_STEP), ["mig_uuid"])
+    mig = _frame(
+        range_query(url, "gpu_mig_sm_activity_ratio", start, end, SAMPLE_STEP), ["mig_uuid"]
+    )
     mig["device"] = mig["mig_uuid"]
     activity = pd.concat([whole[["device", "t", "value"]], mig[["device", "t", "value"]]])
     # Each sample belongs to the step (t - step, t] that ends at or after it.
     activity["t"] = start + np.ceil((activity["t"] - start) / step) * step
     peak = activity.groupby(["device", "t"], as_index=False)["value"].max()
     holders = _frame(
-        _range(url, "gpu_allocation_info", start, end, step),
+        range_query(url, "gpu_allocation_info", start, end, step),
         ["uuid", "mig_uuid", "namespace", "pod"],
     )
     holders["device"] = np.where(holders["mig_uuid"] != "", holders["mig_uuid"], holders["uuid"])
@@ -296,12 +280,12 @@ def sampled_naive_difference(
     """What a naive query at the 5-minute step alone gets: one sample per step (the last),
     not its peak. Not timed; reported to show why the naive way reads every sample."""
     step = idle.query_step(int(end - start))
-    whole = _frame(_range(url, "gpu_utilization_ratio", start, end, step), ["uuid"])
-    mig = _frame(_range(url, "gpu_mig_sm_activity_ratio", start, end, step), ["mig_uuid"])
+    whole = _frame(range_query(url, "gpu_utilization_ratio", start, end, step), ["uuid"])
+    mig = _frame(range_query(url, "gpu_mig_sm_activity_ratio", start, end, step), ["mig_uuid"])
     whole["device"], mig["device"] = whole["uuid"], mig["mig_uuid"]
     activity = pd.concat([whole[["device", "t", "value"]], mig[["device", "t", "value"]]])
     holders = _frame(
-        _range(url, "gpu_allocation_info", start, end, step),
+        range_query(url, "gpu_allocation_info", start, end, step),
         ["uuid", "mig_uuid", "namespace", "pod"],
     )
     holders["device"] = np.where(holders["mig_uuid"] != "", holders["mig_uuid"], holders["uuid"])

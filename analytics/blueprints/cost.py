@@ -25,7 +25,7 @@ from analytics import scope as scopes
 from analytics.auth import API_PREFIX
 from analytics.blueprints import idle as idle_area
 from analytics.context import services
-from analytics.envelope import ApiError, ErrorCode, success, utc_timestamp
+from analytics.envelope import ApiError, ErrorCode, csv_attachment, success, utc_timestamp
 from analytics.limits import cached
 from analytics.openapi import DOLLARS, NULLABLE_RATIO, operation, query_param
 from analytics.promql import validate_name
@@ -183,12 +183,7 @@ def cost_report() -> Response:
         "cost-report", key, lambda: _report(window(), aggregate, fmt, namespace, team)
     )
     if kind == "csv":
-        name, text = payload
-        return Response(
-            text,
-            mimetype="text/csv",
-            headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
-        )
+        return csv_attachment(*payload)
     return success(payload)
 
 

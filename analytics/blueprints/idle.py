@@ -20,7 +20,7 @@ from flask import Blueprint, Response, request
 from analytics import cost, idle, optimize
 from analytics import scope as scopes
 from analytics.context import services
-from analytics.envelope import success
+from analytics.envelope import csv_attachment, success
 from analytics.limits import cached
 from analytics.openapi import DOLLARS, NULLABLE_NUMBER, NULLABLE_STRING, operation, query_param
 from analytics.promql import validate_name
@@ -153,12 +153,7 @@ def idle_list() -> Response:
     key = (length, start, end, fmt, namespace, team)
     kind, payload = cached("idle", key, lambda: _idle(window(), fmt, filters, namespace, team))
     if kind == "csv":
-        name, text = payload
-        return Response(
-            text,
-            mimetype="text/csv",
-            headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
-        )
+        return csv_attachment(*payload)
     return success(payload)
 
 
