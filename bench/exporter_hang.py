@@ -22,7 +22,6 @@ import json
 import re
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,14 @@ import psutil
 import yaml
 
 from bench.common import BENCH_DIR, FLEETS
-from bench.exporter_scrape import free_port, percentile, scrape, start_ours, wait_for
+from bench.exporter_scrape import (
+    concurrent_scrapes,
+    free_port,
+    percentile,
+    scrape,
+    start_ours,
+    wait_for,
+)
 
 RESULTS = BENCH_DIR / "results" / "exporter_hang.json"
 INTERVAL = "50ms"  # of the hung-cycles phase
@@ -71,28 +77,7 @@ def scrape_latency(fleet: Path, node: str, seconds: float, scrapers: int) -> dic
     try:
         wait_for(port, exporter)
         time.sleep(2.0)  # every worker exists; GPU 0's is wedged
-        timings: list[float] = []
-        errors = 0
-        lock = threading.Lock()
-        deadline = time.monotonic() + seconds
-
-        def client() -> None:
-            nonlocal errors
-            while time.monotonic() < deadline:
-                try:
-                    took, _ = scrape(port)
-                except OSError:
-                    with lock:
-                        errors += 1
-                    continue
-                with lock:
-                    timings.append(took)
-
-        threads = [threading.Thread(target=client) for _ in range(scrapers)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        timings, errors = concurrent_scrapes(port, scrapers, seconds)
         _, body = scrape(port)
     finally:
         exporter.terminate()

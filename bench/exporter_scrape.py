@@ -38,6 +38,34 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def concurrent_scrapes(port: int, scrapers: int, seconds: float) -> tuple[list[float], int]:
+    """`scrapers` threads scraping as fast as they can for `seconds`: each scrape's latency, and
+    how many failed to connect or read."""
+    timings: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client() -> None:
+        nonlocal errors
+        while time.monotonic() < deadline:
+            try:
+                took, _ = scrape(port)
+            except OSError:
+                with lock:
+                    errors += 1
+                continue
+            with lock:
+                timings.append(took)
+
+    threads = [threading.Thread(target=client) for _ in range(scrapers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return timings, errors
+
+
 def scrape(port: int) -> tuple[float, bytes]:
     """One scrape on a fresh connection: (seconds until the whole body arrived, body)."""
     began = time.perf_counter()
@@ -193,28 +221,7 @@ def hang_latency(fleet_name: str, seconds: float, scrapers: int = 4) -> dict[str
         )
         try:
             wait_for(port, ours)
-            timings: list[float] = []
-            errors = 0
-            lock = threading.Lock()
-            deadline = time.monotonic() + seconds
-
-            def client() -> None:
-                nonlocal errors
-                while time.monotonic() < deadline:
-                    try:
-                        took, _ = scrape(port)
-                    except OSError:
-                        with lock:
-                            errors += 1
-                        continue
-                    with lock:
-                        timings.append(took)
-
-            threads = [threading.Thread(target=client) for _ in range(scrapers)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            timings, errors = concurrent_scrapes(port, scrapers, seconds)
             _, body = scrape(port)
         finally:
             ours.terminate()
