@@ -90,6 +90,15 @@ def query_param(
     }
 
 
+#: The namespace and team filters of the report and list endpoints.
+NAMESPACE_FILTER = query_param(
+    "namespace", {"type": "string"}, "Only pods in this namespace (a DNS-1123 label)."
+)
+TEAM_FILTER = query_param(
+    "team", {"type": "string"}, "Only pods whose team label has this value (a label value)."
+)
+
+
 def path_param(
     name: str, description: str, schema: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:

@@ -27,7 +27,14 @@ from analytics.blueprints import idle as idle_area
 from analytics.context import services
 from analytics.envelope import ApiError, ErrorCode, csv_attachment, success, utc_timestamp
 from analytics.limits import cached
-from analytics.openapi import DOLLARS, NULLABLE_RATIO, operation, query_param
+from analytics.openapi import (
+    DOLLARS,
+    NAMESPACE_FILTER,
+    NULLABLE_RATIO,
+    TEAM_FILTER,
+    operation,
+    query_param,
+)
 from analytics.promql import validate_name
 from analytics.scope import scoped
 
@@ -323,12 +330,6 @@ _DAYS = query_param(
     {"type": "integer", "minimum": 1, "maximum": cost.MAX_WINDOW_DAYS, "default": 7},
     "Window: the last N days, ending now.",
 )
-_NAMESPACE = query_param(
-    "namespace", {"type": "string"}, "Only pods in this namespace (a DNS-1123 label)."
-)
-_TEAM = query_param(
-    "team", {"type": "string"}, "Only pods whose team label has this value (a label value)."
-)
 
 _ANALYSIS = operation(
     summary="GPU cost analysis over the last N days (the seed's fields, plus by model and MIG)",
@@ -425,8 +426,8 @@ _REPORT = operation(
             {"type": "string", "enum": list(cost.FORMATS), "default": "json"},
             "json (the envelope) or csv (a spreadsheet).",
         ),
-        _NAMESPACE,
-        _TEAM,
+        NAMESPACE_FILTER,
+        TEAM_FILTER,
     ],
     errors=(400, 503),
     data={
@@ -470,8 +471,8 @@ _STATISTICS = operation(
             {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
             "How many of the dearest pods to list.",
         ),
-        _NAMESPACE,
-        _TEAM,
+        NAMESPACE_FILTER,
+        TEAM_FILTER,
     ],
     errors=(400, 503),
     data={

@@ -22,7 +22,15 @@ from analytics import scope as scopes
 from analytics.context import services
 from analytics.envelope import csv_attachment, success
 from analytics.limits import cached
-from analytics.openapi import DOLLARS, NULLABLE_NUMBER, NULLABLE_STRING, operation, query_param
+from analytics.openapi import (
+    DOLLARS,
+    NAMESPACE_FILTER,
+    NULLABLE_NUMBER,
+    NULLABLE_STRING,
+    TEAM_FILTER,
+    operation,
+    query_param,
+)
 from analytics.promql import validate_name
 from analytics.scope import scoped
 
@@ -331,8 +339,8 @@ OPENAPI_PATHS: dict[str, Any] = {
                 ),
                 query_param("start", {"type": "string"}, "Window start (not with window)."),
                 query_param("end", {"type": "string"}, "Window end; default now."),
-                query_param("namespace", {"type": "string"}, "Only this namespace."),
-                query_param("team", {"type": "string"}, "Only this team."),
+                NAMESPACE_FILTER,
+                TEAM_FILTER,
                 query_param(
                     "format",
                     {"type": "string", "enum": list(FORMATS), "default": "json"},

@@ -20,7 +20,14 @@ from analytics.auth import API_PREFIX
 from analytics.blueprints.devices import held_by_scope
 from analytics.context import services
 from analytics.envelope import success, utc_timestamp
-from analytics.openapi import NULLABLE_NUMBER, NULLABLE_STRING, operation, query_param
+from analytics.openapi import (
+    NAMESPACE_FILTER,
+    NULLABLE_NUMBER,
+    NULLABLE_STRING,
+    TEAM_FILTER,
+    operation,
+    query_param,
+)
 from analytics.promql import selector, validate_name
 from analytics.scope import scoped
 
@@ -222,8 +229,8 @@ OPENAPI_PATHS: dict[str, Any] = {
                 "time-sliced GPU: SHARED_GPU when several pods hold one GPU)."
             ),
             parameters=[
-                query_param("namespace", {"type": "string"}, "Only this namespace."),
-                query_param("team", {"type": "string"}, "Only pods whose team label has it."),
+                NAMESPACE_FILTER,
+                TEAM_FILTER,
             ],
             errors=(400, 503),
             data={
